@@ -1,0 +1,152 @@
+"""The ``bitrix24-bridge`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from bridge import __version__, logs
+from bridge.errors import BridgeError
+from bridge.settings import Settings, load_settings
+
+log = logging.getLogger("bridge")
+
+EXIT_CONFIG = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bitrix24-bridge",
+        description="Moves Bitrix24 offline events into RabbitMQ; configured by BRIDGE_* variables.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("serve", help="HTTP server and drainer (the container's default)")
+    sub.add_parser("drain", help="drain every known portal until empty, then exit (cron mode)")
+    status = sub.add_parser("status", help="portals, token state, in-flight reservations, queue depth")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument("--offline", action="store_true", help="do not ask the portals for their queue depth")
+    sub.add_parser("bind", help="make sure the offline bindings and the ONOFFLINEEVENT handler exist")
+    sub.add_parser("emulator", help="run the Bitrix24 portal emulator (see 'emulator --help')", add_help=False)
+    sub.add_parser("demo", help="emulator + bridge + RabbitMQ consumer, showing events flow", add_help=False)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    # The emulator and the demo have options of their own.
+    if args_list and args_list[0] == "emulator":
+        from bridge.emulator.cli import main as emulator_main
+
+        return emulator_main(args_list[1:])
+    if args_list and args_list[0] == "demo":
+        from bridge.demo import main as demo_main
+
+        return demo_main(args_list[1:])
+    args = _parser().parse_args(args_list)
+    try:
+        settings = load_settings()
+        logs.configure(settings.log_level, settings.log_format)
+        if args.command == "serve":
+            return _run(_serve(settings))
+        if args.command == "drain":
+            return _run(_drain(settings))
+        if args.command == "status":
+            return _run(_status(settings, as_json=args.json, offline=args.offline))
+        if args.command == "bind":
+            return _run(_bind(settings))
+    except BridgeError as exc:
+        print(f"bitrix24-bridge: error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return 130
+    raise AssertionError(args.command)  # pragma: no cover - argparse rejects other commands
+
+
+def _run(coro: Any) -> int:
+    result: int = asyncio.run(coro)
+    return result
+
+
+async def _serve(settings: Settings) -> int:
+    import uvicorn
+
+    from bridge.app import create_app
+    from bridge.service import SHUTDOWN_BOUND, Service
+
+    service = Service(settings)
+    try:
+        await service.open()
+    except BaseException:
+        await service.close(timeout=1)
+        raise
+    app = create_app(settings, service=service)
+    config = uvicorn.Config(
+        app,
+        host=settings.http_host,
+        port=settings.http_port,
+        log_config=None,
+        lifespan="on",
+        access_log=False,
+        timeout_graceful_shutdown=int(SHUTDOWN_BOUND),
+        server_header=False,
+    )
+    server = uvicorn.Server(config)
+    log.info("serving", extra={"host": settings.http_host, "port": settings.http_port})
+    await server.serve()
+    return 0 if server.started else 1
+
+
+async def _drain(settings: Settings) -> int:
+    from bridge.service import Service
+
+    service = Service(settings)
+    try:
+        await service.open()
+        if not service.sessions:
+            log.warning("no portal known: nothing to drain")
+            return 0
+        results = [await s.drainer.run_once(full_check=True) for s in service.sessions.values()]
+    finally:
+        await service.close()
+    left = sum(1 for ok in results if not ok)
+    if left:
+        log.error("drain left events behind", extra={"portals_failed": left})
+    return 0 if not left else 1
+
+
+async def _status(settings: Settings, *, as_json: bool, offline: bool) -> int:
+    from bridge.tools import portal_status
+
+    report = await portal_status(settings, ask_upstream=not offline)
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return 0
+    portals = report["portals"]
+    if not portals:
+        print("no portals known")
+    for p in portals:
+        expires = p["access_token_expires_at"]
+        left = f"{int(expires - time.time())} s" if expires else "none"
+        print(f"{p['domain']}  member_id={p['member_id']}  status={p['status']}")
+        print(f"  refresh token: {'present' if p['refresh_token'] else 'missing'}; access token expires in: {left}")
+        print(f"  in-flight process_ids: {', '.join(p['in_flight']) or 'none'}")
+        depth = p.get("queue_depth")
+        print(f"  upstream queue depth: {depth if depth is not None else 'unknown'}"
+              + (f" ({p['upstream_error']})" if p.get("upstream_error") else ""))
+    return 0
+
+
+async def _bind(settings: Settings) -> int:
+    from bridge.tools import bind_all
+
+    results = await bind_all(settings)
+    for domain, bound in results.items():
+        print(f"{domain}: {'bound ' + ', '.join(bound) if bound else 'all bindings already present'}")
+    return 0

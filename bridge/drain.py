@@ -1,0 +1,184 @@
+"""The drain loop around one source: single-flight passes, coalesced wake-ups, back-off.
+
+A source (the Bitrix24 offline queue, or later a polled feed) knows how to run one pass; this
+module decides *when*: at start, on every authenticated notification, on every poll tick, and
+again after a failed pass once its back-off has passed. Notifications that arrive during a pass
+coalesce into at most one more pass, and a notification older than the portal time at which a
+pass last found the queue empty costs nothing at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from typing import Protocol
+
+from bridge.errors import PortalStopped, TokenError
+from bridge.metrics import Metrics
+from bridge.offline_queue import PassReport
+from bridge.upstream import backoff
+
+log = logging.getLogger(__name__)
+
+
+class Source(Protocol):
+    @property
+    def name(self) -> str: ...
+
+    async def run_pass(self, *, full_check: bool) -> PassReport: ...
+
+
+class Drainer:
+    def __init__(
+        self,
+        source: Source,
+        *,
+        metrics: Metrics,
+        backoff_base: float = 1.0,
+        backoff_cap: float = 60.0,
+    ) -> None:
+        self.source = source
+        self._metrics = metrics
+        self._backoff_base = backoff_base
+        self._backoff_cap = backoff_cap
+        self._wake = asyncio.Event()
+        self._untimed = True  # the first pass runs unconditionally
+        self._full = True
+        self._pending_ts: float | None = None
+        self._covered = -math.inf
+        self._closing = False
+        self._task: asyncio.Task[None] | None = None
+        self.failures = 0
+        self.passes = 0
+        self.skipped_notifications = 0
+        self.stopped: str | None = None
+        self.last_error: str | None = None
+        self.in_pass = False
+        self.beat = time.monotonic()
+        self.idle = asyncio.Event()  # set while no pass is due or running
+
+    # -- triggers ----------------------------------------------------------------------
+
+    def notify(self, ts: float | None = None) -> bool:
+        """Wake for a notification sent at portal time ``ts``; False if already covered."""
+        if ts is not None and ts < self._covered:
+            self.skipped_notifications += 1
+            return False
+        if ts is None:
+            self._untimed = True
+        else:
+            self._pending_ts = ts if self._pending_ts is None else max(self._pending_ts, ts)
+        self.idle.clear()
+        self._wake.set()
+        return True
+
+    def tick(self) -> None:
+        """A poll tick: a full pass including the search for orphaned reservations."""
+        self._full = True
+        self.notify(None)
+
+    # -- running -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"drain {self.source.name}")
+
+    @property
+    def alive(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    async def stop(self, timeout: float) -> None:
+        """Let the pass in flight finish its page within ``timeout``, then cancel it."""
+        self._closing = True
+        self._wake.set()
+        if self._task is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), timeout)
+        except TimeoutError:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+    def _due(self) -> bool:
+        if self._untimed:
+            return True
+        return self._pending_ts is not None and self._pending_ts >= self._covered
+
+    async def _run(self) -> None:
+        while not self._closing:
+            self.beat = time.monotonic()
+            if not self._due():
+                self.idle.set()
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            if self.stopped is not None:
+                self._untimed, self._pending_ts = False, None
+                continue
+            self._untimed, self._pending_ts = False, None
+            full, self._full = self._full, False
+            ok = await self.run_once(full_check=full)
+            if not ok and self.stopped is None and not self._closing:
+                delay = backoff(self.failures, base=self._backoff_base, cap=self._backoff_cap)
+                delay = max(delay, self._backoff_base)
+                log.info("drain retry scheduled", extra={"portal": self.source.name, "delay_s": round(delay, 2)})
+                try:
+                    await asyncio.wait_for(self._closed(), delay)
+                except TimeoutError:
+                    pass
+                self._full = True
+                self._untimed = True
+        self.idle.set()
+
+    async def _closed(self) -> None:
+        while not self._closing:
+            await asyncio.sleep(0.2)
+
+    async def run_once(self, *, full_check: bool) -> bool:
+        """One pass; answers whether it ended with the queue empty and nothing failed."""
+        name = self.source.name
+        started = time.monotonic()
+        self.in_pass = True
+        self.passes += 1
+        try:
+            report = await self.source.run_pass(full_check=full_check)
+        except (PortalStopped, TokenError) as exc:
+            self.stopped = str(exc)
+            self.last_error = str(exc)
+            self._metrics.drain_passes.labels(portal=name, outcome="stopped").inc()
+            self._metrics.portal_stopped.labels(portal=name).set(1)
+            log.error(
+                "portal drain stopped: fix the configuration or reinstall the application",
+                extra={"portal": name, "reason": str(exc)},
+            )
+            return False
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.failures += 1
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            self._metrics.drain_passes.labels(portal=name, outcome="failed").inc()
+            log.warning(
+                "drain pass failed",
+                extra={"portal": name, "reason": self.last_error, "failures": self.failures},
+            )
+            return False
+        finally:
+            self.in_pass = False
+            self.beat = time.monotonic()
+            self._metrics.drain_duration.labels(portal=name).observe(time.monotonic() - started)
+        self.failures = 0
+        self.last_error = None
+        if report.covered_until is not None:
+            self._covered = math.floor(report.covered_until)
+        self._metrics.drain_passes.labels(portal=name, outcome="ok").inc()
+        if report.published or report.cleared:
+            log.info(
+                "drain pass done",
+                extra={"portal": name, "published": report.published, "cleared": report.cleared},
+            )
+        return True

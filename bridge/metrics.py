@@ -1,0 +1,81 @@
+"""Prometheus metrics. One registry per application, so tests and the demo don't collide.
+
+Label values are bounded: event names, REST method names, outcomes and portal domains
+(a handful per installation). Never ids or tokens.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+PREFIX = "bitrix24_bridge_"
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.events_published = Counter(
+            PREFIX + "events_published_total", "Events confirmed by the broker", ["event"], registry=r
+        )
+        self.events_cleared = Counter(
+            PREFIX + "events_cleared_total", "Events removed from the upstream queue", ["event"], registry=r
+        )
+        self.publish_failures = Counter(
+            PREFIX + "publish_failures_total",
+            "Messages the broker did not confirm, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.rest_calls = Counter(
+            PREFIX + "rest_calls_total",
+            "Bitrix24 REST calls (batch sub-calls included) by method and outcome",
+            ["method", "outcome"],
+            registry=r,
+        )
+        self.drain_passes = Counter(
+            PREFIX + "drain_passes_total", "Drain passes by outcome", ["portal", "outcome"], registry=r
+        )
+        self.drain_duration = Histogram(
+            PREFIX + "drain_pass_duration_seconds",
+            "Duration of drain passes",
+            ["portal"],
+            buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 15, 60, 300, 1800),
+            registry=r,
+        )
+        self.events_per_request = Histogram(
+            PREFIX + "events_per_request",
+            "Events moved by one REST request",
+            buckets=(0, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500),
+            registry=r,
+        )
+        self.inflight = Gauge(
+            PREFIX + "inflight_reservations", "Reservations in the journal", ["portal"], registry=r
+        )
+        self.queue_depth = Gauge(
+            PREFIX + "upstream_queue_depth", "Events waiting in the portal's queue", ["portal"], registry=r
+        )
+        self.oldest_age = Gauge(
+            PREFIX + "oldest_pending_event_age_seconds",
+            "Age of the oldest event waiting in the portal's queue",
+            ["portal"],
+            registry=r,
+        )
+        self.token_refreshes = Counter(
+            PREFIX + "token_refreshes_total", "OAuth token refreshes by outcome", ["outcome"], registry=r
+        )
+        self.notifications = Counter(
+            PREFIX + "notifications_total",
+            "Notifications received by event and outcome",
+            ["event", "outcome"],
+            registry=r,
+        )
+        self.broker_connected = Gauge(
+            PREFIX + "broker_connected", "1 while the broker connection is open", registry=r
+        )
+        self.portal_stopped = Gauge(
+            PREFIX + "portal_stopped",
+            "1 while a configuration error stops the portal's drain",
+            ["portal"],
+            registry=r,
+        )

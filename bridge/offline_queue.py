@@ -1,0 +1,311 @@
+"""The Bitrix24 offline queue as a drain source: reserve → journal → publish → confirm → clear.
+
+Nothing is cleared that the broker did not confirm: :meth:`OfflineQueue._clear` accepts only a
+:class:`ConfirmedPage`, and a ``ConfirmedPage`` is made only from a :class:`PublishResult`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from bridge.errors import OutcomeUnknown, UpstreamError
+from bridge.messages import MalformedEvent, Routing, to_message
+from bridge.metrics import Metrics
+from bridge.publisher import OutgoingMessage, Publisher, PublishResult
+from bridge.state import State
+from bridge.upstream import PortalClient
+
+log = logging.getLogger(__name__)
+
+GET = "event.offline.get"
+CLEAR = "event.offline.clear"
+LIST = "event.offline.list"
+
+
+class NotConfirmed(Exception):
+    """Some events of a page were not confirmed; they stay reserved for the next pass."""
+
+
+class MalformedAnswer(UpstreamError):
+    def __init__(self, description: str) -> None:
+        super().__init__("MALFORMED_ANSWER", description, method=GET)
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    process_id: str
+    rows: tuple[Mapping[str, Any], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ConfirmedPage:
+    """The part of a reservation RabbitMQ confirmed; the only thing that may be cleared."""
+
+    process_id: str
+    message_ids: tuple[str, ...]
+    event_names: tuple[str, ...]
+    whole: bool
+
+    @classmethod
+    def of(cls, reservation: Reservation, result: PublishResult, *, read_all: bool) -> ConfirmedPage:
+        return cls(
+            process_id=reservation.process_id,
+            message_ids=tuple(m.key for m in result.confirmed),
+            event_names=tuple(m.type for m in result.confirmed),
+            # Clearing the whole process is allowed only when every row under it was read and
+            # confirmed; otherwise name the confirmed rows one by one.
+            whole=result.complete and read_all,
+        )
+
+    def clear_params(self, connector: str) -> dict[str, Any]:
+        params: dict[str, Any] = {"process_id": self.process_id}
+        if connector:
+            params["auth_connector"] = connector
+        if not self.whole:
+            # Never an empty list: Bitrix24 treats it as "clear the whole process".
+            assert self.message_ids
+            params["message_id"] = list(self.message_ids)
+        return params
+
+
+@dataclass(slots=True)
+class PassReport:
+    published: int = 0
+    cleared: int = 0
+    covered_until: float | None = None
+
+
+class OfflineQueue:
+    """One portal's (and connector's) offline queue, drained one pass at a time."""
+
+    def __init__(
+        self,
+        client: PortalClient,
+        *,
+        state: State,
+        publisher: Publisher,
+        routing: Routing,
+        metrics: Metrics,
+        page_size: int,
+    ) -> None:
+        self.client = client
+        self._state = state
+        self._publisher = publisher
+        self.routing = routing
+        self._metrics = metrics
+        self._page_size = page_size
+        self.connector = routing.connector
+        self.orphans_suspected = True  # unknown until the first scan at startup
+
+    @property
+    def name(self) -> str:
+        return self.client.portal.domain
+
+    @property
+    def member_id(self) -> str:
+        return self.client.portal.member_id
+
+    def _params(self, **params: Any) -> dict[str, Any]:
+        if self.connector:
+            params["auth_connector"] = self.connector
+        return params
+
+    # -- the pass ----------------------------------------------------------------------
+
+    async def run_pass(self, *, full_check: bool) -> PassReport:
+        report = PassReport()
+        await self._recover_journal(report)
+        if full_check or self.orphans_suspected:
+            await self._recover_orphans(report)
+        pending: ConfirmedPage | None = None
+        while True:
+            commands: dict[str, tuple[str, Mapping[str, Any]]] = {}
+            if pending is not None:
+                commands["clear"] = (CLEAR, pending.clear_params(self.connector))
+            commands["get"] = (GET, self._params(clear=0, limit=self._page_size))
+            try:
+                answer = await self.client.batch(commands, idempotent=False)
+            except OutcomeUnknown:
+                self.orphans_suspected = True
+                raise
+            error = answer.errors.get("get")
+            if isinstance(error, OutcomeUnknown):
+                self.orphans_suspected = True
+            reservation = None if error is not None else self._reservation(answer.results.get("get"))
+            if reservation is not None and reservation.rows:
+                # Journaled before anything else can fail, so a crash from here on finds it.
+                await self._state.journal_add(self.member_id, self.connector, [reservation.process_id])
+                self._metrics.inflight.labels(portal=self.name).inc()
+            if pending is not None:
+                if "clear" in answer.errors:
+                    await self._clear(pending, report)  # retried alone: clearing is idempotent
+                else:
+                    await self._cleared(pending, report)
+                pending = None
+            if error is not None:
+                raise error
+            assert reservation is not None
+            self._metrics.events_per_request.observe(len(reservation.rows))
+            if not reservation.rows:
+                start = answer.time.get("start")
+                if isinstance(start, int | float):
+                    report.covered_until = float(start)
+                break
+            page = await self._publish(reservation, report, read_all=True)
+            if page.whole:
+                pending = page  # rides with the next reservation
+            else:
+                if page.message_ids:
+                    await self._clear(page, report)
+                raise NotConfirmed(
+                    f"{len(reservation.rows) - len(page.message_ids)} of {len(reservation.rows)} "
+                    f"events not confirmed"
+                )
+        if pending is not None:
+            await self._clear(pending, report)
+        return report
+
+    # -- steps -------------------------------------------------------------------------
+
+    def _reservation(self, result: object) -> Reservation:
+        if not isinstance(result, dict):
+            self.orphans_suspected = True
+            raise MalformedAnswer("the reservation answer is not an object")
+        process_id = result.get("process_id")
+        rows = result.get("events")
+        if not isinstance(rows, list):
+            self.orphans_suspected = True
+            raise MalformedAnswer("the reservation answer has no event list")
+        if not rows:
+            return Reservation(process_id="", rows=())
+        if not isinstance(process_id, str) or not process_id:
+            self.orphans_suspected = True
+            raise MalformedAnswer("the reservation answer has events but no process_id")
+        return Reservation(process_id=process_id, rows=tuple(rows))
+
+    async def _publish(self, reservation: Reservation, report: PassReport, *, read_all: bool) -> ConfirmedPage:
+        try:
+            messages: list[OutgoingMessage] = [to_message(r, self.routing) for r in reservation.rows]
+        except MalformedEvent as exc:
+            log.error(
+                "page left reserved: malformed event",
+                extra={"portal": self.name, "process_id": reservation.process_id, "reason": str(exc)},
+            )
+            raise
+        result = await self._publisher.publish(messages)
+        for message in result.confirmed:
+            self._metrics.events_published.labels(event=message.type).inc()
+        report.published += len(result.confirmed)
+        page = ConfirmedPage.of(reservation, result, read_all=read_all)
+        log.info(
+            "page published",
+            extra={
+                "portal": self.name,
+                "process_id": reservation.process_id,
+                "events": len(messages),
+                "confirmed": len(result.confirmed),
+                "failed": len(result.failed),
+            },
+        )
+        return page
+
+    async def _clear(self, page: ConfirmedPage, report: PassReport) -> None:
+        await self.client.call(CLEAR, page.clear_params(self.connector), idempotent=True)
+        await self._cleared(page, report)
+
+    async def _cleared(self, page: ConfirmedPage, report: PassReport) -> None:
+        for name in page.event_names:
+            self._metrics.events_cleared.labels(event=name).inc()
+        report.cleared += len(page.message_ids)
+        if page.whole:
+            await self._state.journal_remove(self.member_id, self.connector, [page.process_id])
+            self._metrics.inflight.labels(portal=self.name).dec()
+
+    # -- recovery ----------------------------------------------------------------------
+
+    async def _recover_journal(self, report: PassReport) -> None:
+        journal = await self._state.journal(self.member_id, self.connector)
+        self._metrics.inflight.labels(portal=self.name).set(len(journal))
+        for process_id in journal:
+            await self.recover(process_id, report)
+
+    async def recover(self, process_id: str, report: PassReport) -> None:
+        """Re-read a reservation until nothing is left under it; publish and clear what is."""
+        limit = max(self._page_size, 50)
+        while True:
+            answer = await self.client.call(
+                GET, self._params(process_id=process_id, clear=0, limit=limit), idempotent=True
+            )
+            reservation = self._reservation(answer.result)
+            if not reservation.rows:
+                await self._state.journal_remove(self.member_id, self.connector, [process_id])
+                self._metrics.inflight.labels(portal=self.name).dec()
+                return
+            reservation = Reservation(process_id=process_id, rows=reservation.rows)
+            page = await self._publish(reservation, report, read_all=len(reservation.rows) < limit)
+            log.info(
+                "reservation recovered",
+                extra={"portal": self.name, "process_id": process_id, "events": len(reservation.rows)},
+            )
+            if page.message_ids:
+                await self._clear(page, report)
+            if len(page.message_ids) < len(reservation.rows):
+                raise NotConfirmed(f"recovery of {process_id}: not every event was confirmed")
+            if page.whole:
+                return
+
+    async def _recover_orphans(self, report: PassReport) -> None:
+        """Find reservations whose answer was lost (not in the journal) and recover them."""
+        known = set(await self._state.journal(self.member_id, self.connector))
+        orphans: list[str] = []
+        start = 0
+        while True:
+            answer = await self.client.call(
+                LIST,
+                self._params(filter={">PROCESS_ID": ""}, order={"ID": "ASC"}, start=start),
+                idempotent=True,
+            )
+            rows = answer.result if isinstance(answer.result, list) else []
+            for row in rows:
+                pid = row.get("PROCESS_ID") if isinstance(row, dict) else None
+                if isinstance(pid, str) and pid and pid not in known and pid not in orphans:
+                    orphans.append(pid)
+            if answer.next is None or not rows:
+                break
+            start = answer.next
+        self.orphans_suspected = False
+        if not orphans:
+            return
+        log.warning(
+            "orphaned reservations found", extra={"portal": self.name, "count": len(orphans)}
+        )
+        await self._state.journal_add(self.member_id, self.connector, orphans)
+        for process_id in orphans:
+            self._metrics.inflight.labels(portal=self.name).inc()
+            await self.recover(process_id, report)
+
+    async def observe(self) -> tuple[int, float | None]:
+        """Queue depth and the age in seconds of the oldest waiting event (for metrics)."""
+        answer = await self.client.call(
+            LIST, self._params(order={"TIMESTAMP_X": "ASC"}), idempotent=True
+        )
+        rows = answer.result if isinstance(answer.result, list) else []
+        depth = answer.total if answer.total is not None else len(rows)
+        age: float | None = None
+        if rows and isinstance(rows[0], dict):
+            from datetime import datetime
+
+            try:
+                stamp = datetime.fromisoformat(str(rows[0].get("TIMESTAMP_X")))
+                now = answer.time.get("start")
+                ref = float(now) if isinstance(now, int | float) else stamp.timestamp()
+                age = max(0.0, ref - stamp.timestamp())
+            except ValueError:
+                age = None
+        self._metrics.queue_depth.labels(portal=self.name).set(depth)
+        if age is not None:
+            self._metrics.oldest_age.labels(portal=self.name).set(age)
+        return depth, age

@@ -1,0 +1,326 @@
+"""Durable state in one SQLite file: portals with their tokens, and the journal of reservations.
+
+Every write is committed with ``synchronous=FULL`` before the call returns, so a step that
+depends on it (publishing a reserved page, using a refreshed token) only runs after the write
+is on disk. All SQLite work happens on one worker thread, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+from cryptography.fernet import Fernet, InvalidToken, MultiFernet
+
+from bridge.errors import StateError
+
+T = TypeVar("T")
+
+ACTIVE = "active"
+UNINSTALLED = "uninstalled"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS portals (
+    member_id TEXT PRIMARY KEY,
+    domain TEXT NOT NULL,
+    client_endpoint TEXT NOT NULL,
+    server_endpoint TEXT NOT NULL DEFAULT '',
+    access_token TEXT NOT NULL DEFAULT '',
+    refresh_token TEXT NOT NULL DEFAULT '',
+    application_token TEXT NOT NULL DEFAULT '',
+    expires_at REAL NOT NULL DEFAULT 0,
+    status TEXT NOT NULL DEFAULT 'active',
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS journal (
+    member_id TEXT NOT NULL,
+    connector TEXT NOT NULL,
+    process_id TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (member_id, connector, process_id)
+);
+CREATE TABLE IF NOT EXISTS cursors (
+    source TEXT NOT NULL,
+    key TEXT NOT NULL,
+    value TEXT NOT NULL,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (source, key)
+);
+"""
+
+_SECRET_FIELDS = ("access_token", "refresh_token", "application_token")
+_ENCRYPTED = "fernet:"
+
+
+@dataclass(frozen=True, slots=True)
+class Portal:
+    member_id: str
+    domain: str
+    client_endpoint: str
+    server_endpoint: str = ""
+    access_token: str = ""
+    refresh_token: str = ""
+    application_token: str = ""
+    expires_at: float = 0.0
+    status: str = ACTIVE
+
+    @property
+    def active(self) -> bool:
+        return self.status == ACTIVE
+
+    def __repr__(self) -> str:
+        # Tokens never reach a log line through repr().
+        return f"Portal(member_id={self.member_id!r}, domain={self.domain!r}, status={self.status!r})"
+
+    def with_tokens(self, access: str, refresh: str, expires_at: float) -> Portal:
+        return replace(self, access_token=access, refresh_token=refresh, expires_at=expires_at)
+
+
+class State:
+    """The state file. Construct with :meth:`open`."""
+
+    def __init__(self, conn: sqlite3.Connection, executor: ThreadPoolExecutor, keys: list[bytes]):
+        self._conn = conn
+        self._executor = executor
+        self._fernet = MultiFernet([Fernet(k) for k in keys]) if keys else None
+        self.write_failure: str | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    @classmethod
+    async def open(cls, path: str, keys: Sequence[bytes] = ()) -> State:
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="state")
+        loop = asyncio.get_running_loop()
+        try:
+            conn = await loop.run_in_executor(executor, _connect, path)
+        except BaseException:
+            executor.shutdown(wait=False)
+            raise
+        state = cls(conn, executor, list(keys))
+        try:
+            await state._run(state._check_keys)
+        except BaseException:
+            await state.close()
+            raise
+        return state
+
+    async def close(self) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self._conn.close)
+        self._executor.shutdown(wait=True)
+
+    async def _run(self, fn: Callable[[], T]) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, fn)
+
+    async def _write(self, fn: Callable[[], T]) -> T:
+        try:
+            result = await self._run(fn)
+        except sqlite3.Error as exc:
+            self.write_failure = f"state file write failed: {exc}"
+            raise StateError(self.write_failure) from exc
+        self.write_failure = None
+        return result
+
+    # -- secrets ---------------------------------------------------------------------------
+
+    def _seal(self, value: str) -> str:
+        if self._fernet is None or not value:
+            return value
+        return _ENCRYPTED + self._fernet.encrypt(value.encode()).decode()
+
+    def _open_secret(self, value: str) -> str:
+        if not value.startswith(_ENCRYPTED):
+            return value
+        if self._fernet is None:
+            raise StateError("the state file holds encrypted tokens but BRIDGE_STATE_KEY is not set")
+        try:
+            return self._fernet.decrypt(value[len(_ENCRYPTED) :].encode()).decode()
+        except InvalidToken:
+            raise StateError(
+                "BRIDGE_STATE_KEY cannot decrypt the stored tokens (wrong key? "
+                "when rotating, list the new key first and keep the old one after it)"
+            ) from None
+
+    def _check_keys(self) -> None:
+        for row in self._conn.execute("SELECT access_token, refresh_token, application_token FROM portals"):
+            for value in row:
+                self._open_secret(value)
+
+    async def rotate_keys(self) -> int:
+        """Re-encrypt every stored token with the first key; answers how many portals changed."""
+
+        def run() -> int:
+            rows = self._conn.execute("SELECT * FROM portals").fetchall()
+            with self._conn:
+                for row in rows:
+                    portal = self._portal(row)
+                    self._conn.execute(
+                        "UPDATE portals SET access_token=?, refresh_token=?, application_token=? "
+                        "WHERE member_id=?",
+                        (*(self._seal(getattr(portal, f)) for f in _SECRET_FIELDS), portal.member_id),
+                    )
+            return len(rows)
+
+        return await self._write(run)
+
+    # -- portals ---------------------------------------------------------------------------
+
+    def _portal(self, row: sqlite3.Row) -> Portal:
+        data: dict[str, Any] = dict(row)
+        data.pop("updated_at", None)
+        for name in _SECRET_FIELDS:
+            data[name] = self._open_secret(data[name])
+        return Portal(**data)
+
+    async def portals(self, *, include_inactive: bool = False) -> list[Portal]:
+        def run() -> list[Portal]:
+            sql = "SELECT * FROM portals"
+            if not include_inactive:
+                sql += " WHERE status = 'active'"
+            return [self._portal(r) for r in self._conn.execute(sql + " ORDER BY domain")]
+
+        return await self._run(run)
+
+    async def portal(self, member_id: str) -> Portal | None:
+        def run() -> Portal | None:
+            row = self._conn.execute("SELECT * FROM portals WHERE member_id=?", (member_id,)).fetchone()
+            return None if row is None else self._portal(row)
+
+        return await self._run(run)
+
+    async def save_portal(self, portal: Portal) -> None:
+        def run() -> None:
+            with self._conn:
+                self._conn.execute(
+                    "INSERT INTO portals (member_id, domain, client_endpoint, server_endpoint, "
+                    "access_token, refresh_token, application_token, expires_at, status, updated_at) "
+                    "VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT(member_id) DO UPDATE SET "
+                    "domain=excluded.domain, client_endpoint=excluded.client_endpoint, "
+                    "server_endpoint=excluded.server_endpoint, access_token=excluded.access_token, "
+                    "refresh_token=excluded.refresh_token, "
+                    "application_token=excluded.application_token, expires_at=excluded.expires_at, "
+                    "status=excluded.status, updated_at=excluded.updated_at",
+                    (
+                        portal.member_id,
+                        portal.domain,
+                        portal.client_endpoint,
+                        portal.server_endpoint,
+                        self._seal(portal.access_token),
+                        self._seal(portal.refresh_token),
+                        self._seal(portal.application_token),
+                        portal.expires_at,
+                        portal.status,
+                        time.time(),
+                    ),
+                )
+
+        await self._write(run)
+
+    async def uninstall(self, member_id: str) -> None:
+        """Forget the tokens of an uninstalled portal; keep its journal for the record."""
+
+        def run() -> None:
+            with self._conn:
+                self._conn.execute(
+                    "UPDATE portals SET status=?, access_token='', refresh_token='', "
+                    "expires_at=0, updated_at=? WHERE member_id=?",
+                    (UNINSTALLED, time.time(), member_id),
+                )
+
+        await self._write(run)
+
+    # -- journal of reservations -----------------------------------------------------------
+
+    async def journal(self, member_id: str, connector: str) -> list[str]:
+        def run() -> list[str]:
+            rows = self._conn.execute(
+                "SELECT process_id FROM journal WHERE member_id=? AND connector=? "
+                "ORDER BY created_at, rowid",
+                (member_id, connector),
+            )
+            return [r[0] for r in rows]
+
+        return await self._run(run)
+
+    async def journal_all(self) -> list[tuple[str, str, str]]:
+        def run() -> list[tuple[str, str, str]]:
+            rows = self._conn.execute(
+                "SELECT member_id, connector, process_id FROM journal ORDER BY created_at, rowid"
+            )
+            return [(r[0], r[1], r[2]) for r in rows]
+
+        return await self._run(run)
+
+    async def journal_add(self, member_id: str, connector: str, process_ids: Sequence[str]) -> None:
+        def run() -> None:
+            now = time.time()
+            with self._conn:
+                self._conn.executemany(
+                    "INSERT OR IGNORE INTO journal VALUES (?,?,?,?)",
+                    [(member_id, connector, p, now) for p in process_ids],
+                )
+
+        await self._write(run)
+
+    async def journal_remove(self, member_id: str, connector: str, process_ids: Sequence[str]) -> None:
+        def run() -> None:
+            with self._conn:
+                self._conn.executemany(
+                    "DELETE FROM journal WHERE member_id=? AND connector=? AND process_id=?",
+                    [(member_id, connector, p) for p in process_ids],
+                )
+
+        await self._write(run)
+
+    # -- cursors of polled sources ---------------------------------------------------------
+
+    async def cursor(self, source: str, key: str) -> str | None:
+        def run() -> str | None:
+            row = self._conn.execute(
+                "SELECT value FROM cursors WHERE source=? AND key=?", (source, key)
+            ).fetchone()
+            return None if row is None else str(row[0])
+
+        return await self._run(run)
+
+    async def set_cursor(self, source: str, key: str, value: str) -> None:
+        def run() -> None:
+            with self._conn:
+                self._conn.execute(
+                    "INSERT INTO cursors VALUES (?,?,?,?) ON CONFLICT(source, key) DO UPDATE SET "
+                    "value=excluded.value, updated_at=excluded.updated_at",
+                    (source, key, value, time.time()),
+                )
+
+        await self._write(run)
+
+
+def _connect(path: str) -> sqlite3.Connection:
+    file = Path(path)
+    try:
+        if str(file) != ":memory:" and not file.exists():
+            file.parent.mkdir(parents=True, exist_ok=True)
+            # Created owner-only before SQLite opens it: it holds administrator tokens.
+            os.close(os.open(file, os.O_CREAT | os.O_WRONLY, 0o600))
+        conn = sqlite3.connect(file, check_same_thread=False, isolation_level=None)
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA busy_timeout=5000")
+        conn.executescript(_SCHEMA)
+        conn.isolation_level = "DEFERRED"
+        for suffix in ("-wal", "-shm"):
+            side = Path(f"{file}{suffix}")
+            if side.exists():
+                side.chmod(0o600)
+    except (OSError, sqlite3.Error) as exc:
+        raise StateError(f"cannot open the state file {path}: {exc}") from exc
+    return conn

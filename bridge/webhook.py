@@ -1,0 +1,137 @@
+"""``POST /bitrix24/events``: the notifications a portal sends. Answers at once; never drains."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+
+from bridge import phpquery
+from bridge.errors import BridgeError, TokenError
+from bridge.service import Service
+
+log = logging.getLogger(__name__)
+
+MAX_BODY = 65_536
+FORM = "application/x-www-form-urlencoded"
+
+
+class Refused(Exception):
+    def __init__(self, status: int, error: str, outcome: str) -> None:
+        self.status = status
+        self.error = error
+        self.outcome = outcome
+
+
+def _answer(status: int, error: str | None = None) -> JSONResponse:
+    return JSONResponse({"error": error} if error else {"status": "ok"}, status_code=status)
+
+
+async def read_body(request: Request) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            if int(declared) > MAX_BODY:
+                raise Refused(413, "body too large", "too_large")
+        except ValueError:
+            raise Refused(400, "bad content-length", "bad_request") from None
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_BODY:
+                raise Refused(413, "body too large", "too_large")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise Refused(400, "body truncated", "bad_request") from None
+    return b"".join(chunks)
+
+
+def parse(content_type: str, body: bytes) -> Mapping[str, Any]:
+    media = content_type.split(";", 1)[0].strip().lower()
+    if media == FORM:
+        try:
+            data: Any = phpquery.decode(body.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            raise Refused(400, "malformed form body", "bad_request") from None
+    elif media == "application/json":
+        try:
+            data = json.loads(body)
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            raise Refused(400, "malformed JSON body", "bad_request") from None
+    else:
+        raise Refused(415, "unsupported content type", "unsupported")
+    if not isinstance(data, dict) or not isinstance(data.get("event"), str) or not data["event"]:
+        raise Refused(400, "no event", "bad_request")
+    return data
+
+
+def _text(block: Mapping[str, Any], key: str) -> str:
+    value = block.get(key)
+    return value if isinstance(value, str) else ""
+
+
+def _auth(data: Mapping[str, Any]) -> Mapping[str, Any]:
+    auth = data.get("auth")
+    return auth if isinstance(auth, dict) else {}
+
+
+def _ts(data: Mapping[str, Any]) -> float | None:
+    try:
+        return float(data.get("ts"))  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+
+
+async def handle(request: Request, service: Service) -> Response:
+    event = "unknown"
+    try:
+        if service.closing:
+            raise Refused(503, "shutting down", "unavailable")
+        body = await read_body(request)
+        data = parse(request.headers.get("content-type", ""), body)
+        event = data["event"].upper()
+        auth = _auth(data)
+        member_id = _text(auth, "member_id")
+        if event in ("ONOFFLINEEVENT", "ONAPPUNINSTALL"):
+            session = service.authenticate(member_id, _text(auth, "application_token"))
+            if session is None:
+                raise Refused(401, "unauthorized", "unauthorized")
+            if event == "ONOFFLINEEVENT":
+                session.drainer.notify(_ts(data))
+            else:
+                await service.uninstall(session)
+        elif event == "ONAPPINSTALL":
+            refresh = _text(auth, "refresh_token")
+            app_token = _text(auth, "application_token")
+            if not (member_id and refresh and app_token):
+                raise Refused(401, "unauthorized", "unauthorized")
+            try:
+                await service.install(member_id, refresh, app_token)
+            except TokenError:
+                raise Refused(401, "unauthorized", "unauthorized") from None
+            except BridgeError:
+                # The OAuth server could not be asked: the install is not proven, try again later.
+                raise Refused(503, "install could not be verified now", "unavailable") from None
+        else:
+            # Other events are not ours to handle; say nothing about whether the portal exists.
+            raise Refused(401, "unauthorized", "unauthorized")
+    except Refused as refused:
+        _count(service, event, refused.outcome)
+        return _answer(refused.status, refused.error)
+    _count(service, event, "accepted")
+    return _answer(200)
+
+
+_KNOWN = frozenset({"ONOFFLINEEVENT", "ONAPPINSTALL", "ONAPPUNINSTALL"})
+
+
+def _count(service: Service, event: str, outcome: str) -> None:
+    # Event names come from the request: keep the label set bounded.
+    label = event if event in _KNOWN else "other"
+    service.metrics.notifications.labels(event=label, outcome=outcome).inc()
