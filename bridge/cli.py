@@ -23,18 +23,28 @@ EXIT_CONFIG = 2
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bitrix24-bridge",
-        description="Moves Bitrix24 offline events into RabbitMQ; configured by BRIDGE_* variables.",
+        description="Moves Bitrix24 offline events into RabbitMQ. Configured by BRIDGE_*.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("serve", help="HTTP server and drainer (the container's default)")
     sub.add_parser("drain", help="drain every known portal until empty, then exit (cron mode)")
-    status = sub.add_parser("status", help="portals, token state, in-flight reservations, queue depth")
+    status = sub.add_parser(
+        "status", help="portals, token state, in-flight reservations, queue depth"
+    )
     status.add_argument("--json", action="store_true", help="machine-readable output")
-    status.add_argument("--offline", action="store_true", help="do not ask the portals for their queue depth")
-    sub.add_parser("bind", help="make sure the offline bindings and the ONOFFLINEEVENT handler exist")
-    sub.add_parser("emulator", help="run the Bitrix24 portal emulator (see 'emulator --help')", add_help=False)
-    sub.add_parser("demo", help="emulator + bridge + RabbitMQ consumer, showing events flow", add_help=False)
+    status.add_argument(
+        "--offline", action="store_true", help="do not ask the portals for their queue depth"
+    )
+    sub.add_parser(
+        "bind", help="make sure the offline bindings and the ONOFFLINEEVENT handler exist"
+    )
+    sub.add_parser(
+        "emulator", help="run the Bitrix24 portal emulator (see 'emulator --help')", add_help=False
+    )
+    sub.add_parser(
+        "demo", help="emulator + bridge + RabbitMQ consumer, showing events flow", add_help=False
+    )
     return parser
 
 
@@ -84,7 +94,7 @@ async def _serve(settings: Settings) -> int:
     try:
         await service.open()
     except BaseException:
-        await service.close(timeout=1)
+        await service.close(grace=1)
         raise
     app = create_app(settings, service=service)
     config = uvicorn.Config(
@@ -135,11 +145,14 @@ async def _status(settings: Settings, *, as_json: bool, offline: bool) -> int:
         expires = p["access_token_expires_at"]
         left = f"{int(expires - time.time())} s" if expires else "none"
         print(f"{p['domain']}  member_id={p['member_id']}  status={p['status']}")
-        print(f"  refresh token: {'present' if p['refresh_token'] else 'missing'}; access token expires in: {left}")
+        token = "present" if p["refresh_token"] else "missing"
+        print(f"  refresh token: {token}; access token expires in: {left}")
         print(f"  in-flight process_ids: {', '.join(p['in_flight']) or 'none'}")
         depth = p.get("queue_depth")
-        print(f"  upstream queue depth: {depth if depth is not None else 'unknown'}"
-              + (f" ({p['upstream_error']})" if p.get("upstream_error") else ""))
+        print(
+            f"  upstream queue depth: {depth if depth is not None else 'unknown'}"
+            + (f" ({p['upstream_error']})" if p.get("upstream_error") else "")
+        )
     return 0
 
 
@@ -148,5 +161,7 @@ async def _bind(settings: Settings) -> int:
 
     results = await bind_all(settings)
     for domain, bound in results.items():
-        print(f"{domain}: {'bound ' + ', '.join(bound) if bound else 'all bindings already present'}")
+        print(
+            f"{domain}: {'bound ' + ', '.join(bound) if bound else 'all bindings already present'}"
+        )
     return 0

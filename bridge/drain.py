@@ -10,6 +10,7 @@ pass last found the queue empty costs nothing at all.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -49,6 +50,7 @@ class Drainer:
         self._pending_ts: float | None = None
         self._covered = -math.inf
         self._closing = False
+        self._closed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.failures = 0
         self.passes = 0
@@ -88,20 +90,19 @@ class Drainer:
     def alive(self) -> bool:
         return self._task is not None and not self._task.done()
 
-    async def stop(self, timeout: float) -> None:
-        """Let the pass in flight finish its page within ``timeout``, then cancel it."""
+    async def stop(self, grace: float) -> None:
+        """Let the pass in flight finish its page within ``grace`` seconds, then cancel it."""
         self._closing = True
+        self._closed.set()
         self._wake.set()
         if self._task is None:
             return
         try:
-            await asyncio.wait_for(asyncio.shield(self._task), timeout)
+            await asyncio.wait_for(asyncio.shield(self._task), grace)
         except TimeoutError:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
 
     def _due(self) -> bool:
         if self._untimed:
@@ -125,18 +126,15 @@ class Drainer:
             if not ok and self.stopped is None and not self._closing:
                 delay = backoff(self.failures, base=self._backoff_base, cap=self._backoff_cap)
                 delay = max(delay, self._backoff_base)
-                log.info("drain retry scheduled", extra={"portal": self.source.name, "delay_s": round(delay, 2)})
-                try:
-                    await asyncio.wait_for(self._closed(), delay)
-                except TimeoutError:
-                    pass
+                log.info(
+                    "drain retry scheduled",
+                    extra={"portal": self.source.name, "delay_s": round(delay, 2)},
+                )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._closed.wait(), delay)
                 self._full = True
                 self._untimed = True
         self.idle.set()
-
-    async def _closed(self) -> None:
-        while not self._closing:
-            await asyncio.sleep(0.2)
 
     async def run_once(self, *, full_check: bool) -> bool:
         """One pass; answers whether it ended with the queue empty and nothing failed."""

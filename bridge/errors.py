@@ -1,14 +1,14 @@
 """The bridge's errors.
 
-    BridgeError
-    ├── ConfigError            bad or missing configuration; one line for the operator
-    ├── StateError             the state file cannot be read or written
-    ├── BrokerUnavailable      RabbitMQ cannot be reached
-    └── UpstreamError          a Bitrix24 call failed; ``code`` is Bitrix24's ``error``
-        ├── TransientError     worth retrying after a pause (rate limits, 5xx, network)
-        │   └── OutcomeUnknown the request may have been executed; its answer was lost
-        ├── TokenError         the stored tokens are no longer usable (reinstall needed)
-        └── PortalStopped      a configuration error; the portal's drain stops until fixed
+BridgeError
+├── ConfigError            bad or missing configuration; one line for the operator
+├── StateError             the state file cannot be read or written
+├── BrokerUnavailable      RabbitMQ cannot be reached
+└── UpstreamError          a Bitrix24 call failed; ``code`` is Bitrix24's ``error``
+    ├── TransientError     worth retrying after a pause (rate limits, 5xx, network)
+    │   └── OutcomeUnknown the request may have been executed; its answer was lost
+    ├── TokenError         the stored tokens are no longer usable (reinstall needed)
+    └── PortalStopped      a configuration error; the portal's drain stops until fixed
 """
 
 from __future__ import annotations
@@ -42,7 +42,12 @@ class UpstreamError(BridgeError):
 
 class TransientError(UpstreamError):
     def __init__(
-        self, code: str, description: str = "", *, method: str = "", retry_after: float | None = None
+        self,
+        code: str,
+        description: str = "",
+        *,
+        method: str = "",
+        retry_after: float | None = None,
     ) -> None:
         super().__init__(code, description, method=method)
         self.retry_after = retry_after

@@ -26,7 +26,9 @@ class Routing:
     connector: str
 
     def exchange(self, event: str) -> str:
-        return self.exchange_template.format(event=event, domain=self.domain, member_id=self.member_id)
+        return self.exchange_template.format(
+            event=event, domain=self.domain, member_id=self.member_id
+        )
 
     def routing_key(self, event: str) -> str:
         return self.routing_key_template.format(

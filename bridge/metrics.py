@@ -16,10 +16,16 @@ class Metrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.events_published = Counter(
-            PREFIX + "events_published_total", "Events confirmed by the broker", ["event"], registry=r
+            PREFIX + "events_published_total",
+            "Events confirmed by the broker",
+            ["event"],
+            registry=r,
         )
         self.events_cleared = Counter(
-            PREFIX + "events_cleared_total", "Events removed from the upstream queue", ["event"], registry=r
+            PREFIX + "events_cleared_total",
+            "Events removed from the upstream queue",
+            ["event"],
+            registry=r,
         )
         self.publish_failures = Counter(
             PREFIX + "publish_failures_total",
@@ -34,7 +40,10 @@ class Metrics:
             registry=r,
         )
         self.drain_passes = Counter(
-            PREFIX + "drain_passes_total", "Drain passes by outcome", ["portal", "outcome"], registry=r
+            PREFIX + "drain_passes_total",
+            "Drain passes by outcome",
+            ["portal", "outcome"],
+            registry=r,
         )
         self.drain_duration = Histogram(
             PREFIX + "drain_pass_duration_seconds",
@@ -53,7 +62,10 @@ class Metrics:
             PREFIX + "inflight_reservations", "Reservations in the journal", ["portal"], registry=r
         )
         self.queue_depth = Gauge(
-            PREFIX + "upstream_queue_depth", "Events waiting in the portal's queue", ["portal"], registry=r
+            PREFIX + "upstream_queue_depth",
+            "Events waiting in the portal's queue",
+            ["portal"],
+            registry=r,
         )
         self.oldest_age = Gauge(
             PREFIX + "oldest_pending_event_age_seconds",
@@ -62,7 +74,10 @@ class Metrics:
             registry=r,
         )
         self.token_refreshes = Counter(
-            PREFIX + "token_refreshes_total", "OAuth token refreshes by outcome", ["outcome"], registry=r
+            PREFIX + "token_refreshes_total",
+            "OAuth token refreshes by outcome",
+            ["outcome"],
+            registry=r,
         )
         self.notifications = Counter(
             PREFIX + "notifications_total",

@@ -50,7 +50,9 @@ class ConfirmedPage:
     whole: bool
 
     @classmethod
-    def of(cls, reservation: Reservation, result: PublishResult, *, read_all: bool) -> ConfirmedPage:
+    def of(
+        cls, reservation: Reservation, result: PublishResult, *, read_all: bool
+    ) -> ConfirmedPage:
         return cls(
             process_id=reservation.process_id,
             message_ids=tuple(m.key for m in result.confirmed),
@@ -134,10 +136,14 @@ class OfflineQueue:
             error = answer.errors.get("get")
             if isinstance(error, OutcomeUnknown):
                 self.orphans_suspected = True
-            reservation = None if error is not None else self._reservation(answer.results.get("get"))
+            reservation = (
+                None if error is not None else self._reservation(answer.results.get("get"))
+            )
             if reservation is not None and reservation.rows:
                 # Journaled before anything else can fail, so a crash from here on finds it.
-                await self._state.journal_add(self.member_id, self.connector, [reservation.process_id])
+                await self._state.journal_add(
+                    self.member_id, self.connector, [reservation.process_id]
+                )
                 self._metrics.inflight.labels(portal=self.name).inc()
             if pending is not None:
                 if "clear" in answer.errors:
@@ -186,13 +192,21 @@ class OfflineQueue:
             raise MalformedAnswer("the reservation answer has events but no process_id")
         return Reservation(process_id=process_id, rows=tuple(rows))
 
-    async def _publish(self, reservation: Reservation, report: PassReport, *, read_all: bool) -> ConfirmedPage:
+    async def _publish(
+        self, reservation: Reservation, report: PassReport, *, read_all: bool
+    ) -> ConfirmedPage:
         try:
-            messages: list[OutgoingMessage] = [to_message(r, self.routing) for r in reservation.rows]
+            messages: list[OutgoingMessage] = [
+                to_message(r, self.routing) for r in reservation.rows
+            ]
         except MalformedEvent as exc:
             log.error(
                 "page left reserved: malformed event",
-                extra={"portal": self.name, "process_id": reservation.process_id, "reason": str(exc)},
+                extra={
+                    "portal": self.name,
+                    "process_id": reservation.process_id,
+                    "reason": str(exc),
+                },
             )
             raise
         result = await self._publisher.publish(messages)
@@ -248,7 +262,11 @@ class OfflineQueue:
             page = await self._publish(reservation, report, read_all=len(reservation.rows) < limit)
             log.info(
                 "reservation recovered",
-                extra={"portal": self.name, "process_id": process_id, "events": len(reservation.rows)},
+                extra={
+                    "portal": self.name,
+                    "process_id": process_id,
+                    "events": len(reservation.rows),
+                },
             )
             if page.message_ids:
                 await self._clear(page, report)

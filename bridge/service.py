@@ -64,7 +64,10 @@ class Service:
             headers={"User-Agent": "bitrix24-bridge"},
         )
         self.oauth = OAuthClient(
-            self.http, oauth_url=settings.oauth_url, client_id=self.client_id, client_secret=client_secret
+            self.http,
+            oauth_url=settings.oauth_url,
+            client_id=self.client_id,
+            client_secret=client_secret,
         )
         self.publisher = Publisher(
             settings.amqp_url.get_secret_value(),
@@ -100,11 +103,11 @@ class Service:
         if self.settings.poll_interval > 0:
             self._poller = asyncio.create_task(self._poll(), name="poll")
 
-    async def close(self, timeout: float = SHUTDOWN_BOUND) -> None:
+    async def close(self, grace: float = SHUTDOWN_BOUND) -> None:
         self.closing = True
         if self._poller is not None:
             self._poller.cancel()
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + grace
         await asyncio.gather(
             *(s.drainer.stop(max(0.1, deadline - time.monotonic())) for s in self.sessions.values())
         )
@@ -151,7 +154,9 @@ class Service:
             metrics=self.metrics,
             page_size=self.settings.page_size,
         )
-        session = PortalSession(client=client, queue=queue, drainer=Drainer(queue, metrics=self.metrics))
+        session = PortalSession(
+            client=client, queue=queue, drainer=Drainer(queue, metrics=self.metrics)
+        )
         self.sessions[portal.member_id] = session
         self.metrics.portal_stopped.labels(portal=portal.domain).set(0)
         return session
@@ -174,7 +179,9 @@ class Service:
         except UpstreamError as exc:
             raise ConfigError(f"cannot bootstrap from BRIDGE_PORTAL_URL: {exc}") from None
         await self._store(grant, s.application_token.get_secret_value())
-        log.info("portal bootstrapped", extra={"portal": grant.domain, "member_id": grant.member_id})
+        log.info(
+            "portal bootstrapped", extra={"portal": grant.domain, "member_id": grant.member_id}
+        )
 
     async def _store(self, grant: Grant, application_token: str) -> Portal:
         assert self.state is not None
@@ -208,7 +215,9 @@ class Service:
         """Register a portal after proving the install genuine with the OAuth server."""
         grant = await self.oauth.refresh(refresh_token)
         if not hmac.compare_digest(grant.member_id.encode(), member_id.encode()):
-            raise TokenError("member_mismatch", "the OAuth answer names another portal", method="oauth")
+            raise TokenError(
+                "member_mismatch", "the OAuth answer names another portal", method="oauth"
+            )
         allowed = self.settings.allowed_domains
         if allowed and grant.domain not in allowed:
             raise TokenError("domain_not_allowed", "the portal is not in BRIDGE_ALLOWED_DOMAINS")
@@ -228,7 +237,9 @@ class Service:
         try:
             await bind_portal(session.client, self.settings)
         except BridgeError as exc:
-            log.error("binding events failed", extra={"portal": session.portal.domain, "reason": str(exc)})
+            log.error(
+                "binding events failed", extra={"portal": session.portal.domain, "reason": str(exc)}
+            )
 
     async def uninstall(self, session: PortalSession) -> None:
         assert self.state is not None
@@ -236,8 +247,12 @@ class Service:
         self.sessions.pop(member_id, None)
         await session.drainer.stop(SHUTDOWN_BOUND)
         await self.state.uninstall(member_id)
-        session.client.portal = replace(session.portal, status="uninstalled", access_token="", refresh_token="")
-        log.info("portal uninstalled", extra={"portal": session.portal.domain, "member_id": member_id})
+        session.client.portal = replace(
+            session.portal, status="uninstalled", access_token="", refresh_token=""
+        )
+        log.info(
+            "portal uninstalled", extra={"portal": session.portal.domain, "member_id": member_id}
+        )
 
     # -- periodic work -------------------------------------------------------------------
 
@@ -276,7 +291,11 @@ class Service:
             return problem
         if self.state is not None and self.state.write_failure:
             return self.state.write_failure
-        usable = [s for s in self.sessions.values() if s.drainer.stopped is None and s.portal.refresh_token]
+        usable = [
+            s
+            for s in self.sessions.values()
+            if s.drainer.stopped is None and s.portal.refresh_token
+        ]
         if not usable:
             stopped = [f"{s.portal.domain}: {s.drainer.stopped}" for s in self.sessions.values()]
             if stopped:

@@ -129,7 +129,9 @@ class Settings(BaseSettings):
             try:
                 Fernet(part.strip())
             except ValueError as exc:
-                raise ValueError("must be Fernet keys (32 url-safe base64 bytes), comma-separated") from exc
+                raise ValueError(
+                    "must be Fernet keys (32 url-safe base64 bytes), comma-separated"
+                ) from exc
         return value
 
     @model_validator(mode="after")
@@ -148,13 +150,17 @@ class Settings(BaseSettings):
     def state_keys(self) -> list[bytes]:
         if self.state_key is None:
             return []
-        return [k.strip().encode() for k in self.state_key.get_secret_value().split(",") if k.strip()]
+        return [
+            k.strip().encode() for k in self.state_key.get_secret_value().split(",") if k.strip()
+        ]
 
     def require_credentials(self) -> tuple[str, str]:
         if not self.client_id:
             raise ConfigError("BRIDGE_CLIENT_ID is required (the Bitrix24 application's client id)")
         if self.client_secret is None or not self.client_secret.get_secret_value():
-            raise ConfigError("BRIDGE_CLIENT_SECRET is required (the Bitrix24 application's secret)")
+            raise ConfigError(
+                "BRIDGE_CLIENT_SECRET is required (the Bitrix24 application's secret)"
+            )
         return self.client_id, self.client_secret.get_secret_value()
 
     def warn_plain_http(self) -> None:
@@ -163,7 +169,9 @@ class Settings(BaseSettings):
             ("BRIDGE_PORTAL_URL", self.portal_url),
         ):
             if url and url.startswith("http://") and not is_loopback(url):
-                log.warning("%s uses plain http:// on a non-loopback host; tokens travel unencrypted", name)
+                log.warning(
+                    "%s uses plain http:// on a non-loopback host; tokens travel unencrypted", name
+                )
 
 
 def load_settings(env: dict[str, str] | None = None) -> Settings:

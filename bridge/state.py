@@ -77,7 +77,9 @@ class Portal:
 
     def __repr__(self) -> str:
         # Tokens never reach a log line through repr().
-        return f"Portal(member_id={self.member_id!r}, domain={self.domain!r}, status={self.status!r})"
+        return (
+            f"Portal(member_id={self.member_id!r}, domain={self.domain!r}, status={self.status!r})"
+        )
 
     def with_tokens(self, access: str, refresh: str, expires_at: float) -> Portal:
         return replace(self, access_token=access, refresh_token=refresh, expires_at=expires_at)
@@ -140,7 +142,9 @@ class State:
         if not value.startswith(_ENCRYPTED):
             return value
         if self._fernet is None:
-            raise StateError("the state file holds encrypted tokens but BRIDGE_STATE_KEY is not set")
+            raise StateError(
+                "the state file holds encrypted tokens but BRIDGE_STATE_KEY is not set"
+            )
         try:
             return self._fernet.decrypt(value[len(_ENCRYPTED) :].encode()).decode()
         except InvalidToken:
@@ -150,7 +154,9 @@ class State:
             ) from None
 
     def _check_keys(self) -> None:
-        for row in self._conn.execute("SELECT access_token, refresh_token, application_token FROM portals"):
+        for row in self._conn.execute(
+            "SELECT access_token, refresh_token, application_token FROM portals"
+        ):
             for value in row:
                 self._open_secret(value)
 
@@ -165,7 +171,10 @@ class State:
                     self._conn.execute(
                         "UPDATE portals SET access_token=?, refresh_token=?, application_token=? "
                         "WHERE member_id=?",
-                        (*(self._seal(getattr(portal, f)) for f in _SECRET_FIELDS), portal.member_id),
+                        (
+                            *(self._seal(getattr(portal, f)) for f in _SECRET_FIELDS),
+                            portal.member_id,
+                        ),
                     )
             return len(rows)
 
@@ -191,7 +200,9 @@ class State:
 
     async def portal(self, member_id: str) -> Portal | None:
         def run() -> Portal | None:
-            row = self._conn.execute("SELECT * FROM portals WHERE member_id=?", (member_id,)).fetchone()
+            row = self._conn.execute(
+                "SELECT * FROM portals WHERE member_id=?", (member_id,)
+            ).fetchone()
             return None if row is None else self._portal(row)
 
         return await self._run(run)
@@ -201,7 +212,8 @@ class State:
             with self._conn:
                 self._conn.execute(
                     "INSERT INTO portals (member_id, domain, client_endpoint, server_endpoint, "
-                    "access_token, refresh_token, application_token, expires_at, status, updated_at) "
+                    "access_token, refresh_token, application_token, expires_at, status, "
+                    "updated_at) "
                     "VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT(member_id) DO UPDATE SET "
                     "domain=excluded.domain, client_endpoint=excluded.client_endpoint, "
                     "server_endpoint=excluded.server_endpoint, access_token=excluded.access_token, "
@@ -270,7 +282,9 @@ class State:
 
         await self._write(run)
 
-    async def journal_remove(self, member_id: str, connector: str, process_ids: Sequence[str]) -> None:
+    async def journal_remove(
+        self, member_id: str, connector: str, process_ids: Sequence[str]
+    ) -> None:
         def run() -> None:
             with self._conn:
                 self._conn.executemany(

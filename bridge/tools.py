@@ -26,12 +26,19 @@ async def _clients(settings: Settings) -> AsyncIterator[tuple[State, list[Portal
         portals = await state.portals()
         if portals:
             client_id, secret = settings.require_credentials()
-            oauth = OAuthClient(http, oauth_url=settings.oauth_url, client_id=client_id, client_secret=secret)
+            oauth = OAuthClient(
+                http, oauth_url=settings.oauth_url, client_id=client_id, client_secret=secret
+            )
             metrics = Metrics()
             clients = [
                 PortalClient(
-                    p, http=http, oauth=oauth, save=state.save_portal, metrics=metrics,
-                    rate_limit=settings.rate_limit, rate_burst=settings.rate_burst,
+                    p,
+                    http=http,
+                    oauth=oauth,
+                    save=state.save_portal,
+                    metrics=metrics,
+                    rate_limit=settings.rate_limit,
+                    rate_burst=settings.rate_burst,
                 )
                 for p in portals
             ]
@@ -69,7 +76,9 @@ async def portal_status(settings: Settings, *, ask_upstream: bool) -> dict[str, 
                     try:
                         answer = await client.call(
                             "event.offline.list",
-                            {"auth_connector": settings.auth_connector} if settings.auth_connector else {},
+                            {"auth_connector": settings.auth_connector}
+                            if settings.auth_connector
+                            else {},
                             idempotent=True,
                         )
                         entry["queue_depth"] = answer.total

@@ -81,7 +81,9 @@ class BatchAnswer:
     time: Mapping[str, Any]
 
 
-def error_for(code: str, description: str, method: str, time_block: Mapping[str, Any]) -> UpstreamError:
+def error_for(
+    code: str, description: str, method: str, time_block: Mapping[str, Any]
+) -> UpstreamError:
     """Bitrix24's ``error`` code as one of our error classes."""
     if code == RATE_LIMITED or code in SERVER_FAULTS:
         return TransientError(code, description, method=method)
@@ -100,7 +102,7 @@ def error_for(code: str, description: str, method: str, time_block: Mapping[str,
 
 def backoff(attempt: int, base: float = 0.5, cap: float = 30.0) -> float:
     """Exponential back-off with full jitter."""
-    return random.uniform(0, min(cap, base * 2**attempt))  # noqa: S311 - jitter, not crypto
+    return random.uniform(0, min(cap, base * 2**attempt))
 
 
 SaveTokens = Callable[[Portal], Awaitable[None]]
@@ -155,7 +157,9 @@ class PortalClient:
         self, commands: Mapping[str, tuple[str, Mapping[str, Any]]], *, idempotent: bool
     ) -> BatchAnswer:
         """Run up to 50 commands in one request; per-command errors come back, not raised."""
-        cmd = {key: f"{method}?{phpquery.encode(params)}" for key, (method, params) in commands.items()}
+        cmd = {
+            key: f"{method}?{phpquery.encode(params)}" for key, (method, params) in commands.items()
+        }
         body = await self._request("batch", {"halt": 0, "cmd": cmd}, idempotent=idempotent)
         if "error" in body:
             code, desc = str(body["error"]), str(body.get("error_description", ""))
@@ -188,7 +192,9 @@ class PortalClient:
     def _count(self, method: str, code: str | None) -> None:
         self._metrics.rest_calls.labels(method=method, outcome=outcome_of(code)).inc()
 
-    async def _request(self, method: str, params: dict[str, Any], *, idempotent: bool) -> dict[str, Any]:
+    async def _request(
+        self, method: str, params: dict[str, Any], *, idempotent: bool
+    ) -> dict[str, Any]:
         """One logical request: retries what is safe to retry, refreshes tokens once."""
         refreshed = False
         rate_attempts = 0
@@ -222,7 +228,9 @@ class PortalClient:
                 continue
             return body
 
-    async def _send(self, method: str, params: dict[str, Any], token: str, *, idempotent: bool) -> dict[str, Any]:
+    async def _send(
+        self, method: str, params: dict[str, Any], token: str, *, idempotent: bool
+    ) -> dict[str, Any]:
         await self.limiter.acquire()
         self.requests += 1
         url = f"{self.portal.client_endpoint}{method}.json"
@@ -248,12 +256,16 @@ class PortalClient:
     async def _follow_domain_change(self, location: str, method: str) -> None:
         target = urlsplit(location)
         if target.scheme not in ("http", "https") or not target.netloc:
-            raise PortalStopped("BAD_REDIRECT", "the portal redirected to a malformed URL", method=method)
+            raise PortalStopped(
+                "BAD_REDIRECT", "the portal redirected to a malformed URL", method=method
+            )
         endpoint = f"{target.scheme}://{target.netloc}/rest/"
         old = self.portal.domain
         self.portal = _replace_endpoint(self.portal, endpoint)
         await self._save(self.portal)
-        log.warning("portal domain changed", extra={"portal": old, "new_domain": self.portal.domain})
+        log.warning(
+            "portal domain changed", extra={"portal": old, "new_domain": self.portal.domain}
+        )
 
     async def _refresh(self, *, failed_token: str) -> None:
         async with self._refresh_lock:
@@ -266,8 +278,12 @@ class PortalClient:
                 raise
             if grant.member_id != self.portal.member_id:
                 self._metrics.token_refreshes.labels(outcome="failed").inc()
-                raise TokenError("member_mismatch", "the OAuth answer names another portal", method="oauth")
-            updated = self.portal.with_tokens(grant.access_token, grant.refresh_token, grant.expires_at)
+                raise TokenError(
+                    "member_mismatch", "the OAuth answer names another portal", method="oauth"
+                )
+            updated = self.portal.with_tokens(
+                grant.access_token, grant.refresh_token, grant.expires_at
+            )
             # Refresh tokens rotate: the old one is dead now, so the new pair must be on disk
             # before anything uses it.
             await self._save(updated)

@@ -1,0 +1,5 @@
+pytest_plugins = [
+    "tests.plugins.broker",
+    "tests.plugins.tcpproxy",
+    "tests.plugins.emulator",
+]

@@ -1,0 +1,144 @@
+"""The drain loop's scheduling, with a small fake source (the real one is in test_offline_queue)."""
+
+import asyncio
+
+from bridge.drain import Drainer
+from bridge.errors import PortalStopped, TransientError
+from bridge.metrics import Metrics
+from bridge.offline_queue import PassReport
+
+
+class FakeSource:
+    def __init__(self) -> None:
+        self.passes = 0
+        self.running = 0
+        self.max_running = 0
+        self.gate: asyncio.Event | None = None
+        self.fail_next: list[Exception] = []
+        self.covered_until = 1000.0
+        self.full_checks: list[bool] = []
+
+    @property
+    def name(self) -> str:
+        return "fake.example"
+
+    async def run_pass(self, *, full_check: bool) -> PassReport:
+        self.passes += 1
+        self.full_checks.append(full_check)
+        self.running += 1
+        self.max_running = max(self.max_running, self.running)
+        try:
+            if self.gate is not None:
+                await self.gate.wait()
+            if self.fail_next:
+                raise self.fail_next.pop(0)
+            return PassReport(covered_until=self.covered_until)
+        finally:
+            self.running -= 1
+
+
+async def _settle(drainer: Drainer) -> None:
+    await asyncio.sleep(0)
+    await asyncio.wait_for(drainer.idle.wait(), 5)
+
+
+async def test_first_pass_runs_at_start_with_a_full_check() -> None:
+    source = FakeSource()
+    drainer = Drainer(source, metrics=Metrics())
+    drainer.start()
+    await _settle(drainer)
+    assert source.passes == 1
+    assert source.full_checks == [True]
+    await drainer.stop(1)
+
+
+async def test_notifications_during_a_pass_coalesce_into_one_more() -> None:
+    source = FakeSource()
+    source.gate = asyncio.Event()
+    drainer = Drainer(source, metrics=Metrics())
+    drainer.start()
+    await asyncio.sleep(0.01)
+    assert source.passes == 1
+    for ts in range(2000, 2100):
+        drainer.notify(float(ts))
+    source.covered_until = 1500.0  # this pass started before the notifications were sent
+    source.gate.set()
+    await _settle(drainer)
+    assert source.passes == 2
+    assert source.max_running == 1
+    await drainer.stop(1)
+
+
+async def test_notification_already_covered_costs_nothing() -> None:
+    source = FakeSource()
+    drainer = Drainer(source, metrics=Metrics())
+    drainer.start()
+    await _settle(drainer)
+    assert source.passes == 1
+    # A replayed notification from before the empty answer: covered.
+    assert drainer.notify(999.0) is False
+    await asyncio.sleep(0.05)
+    assert source.passes == 1
+    # One sent in the same second as the empty answer is not provably covered: drain.
+    assert drainer.notify(1000.0) is True
+    await _settle(drainer)
+    assert source.passes == 2
+    await drainer.stop(1)
+
+
+async def test_covered_check_also_applies_to_notifications_queued_during_a_pass() -> None:
+    source = FakeSource()
+    source.gate = asyncio.Event()
+    drainer = Drainer(source, metrics=Metrics())
+    drainer.start()
+    await asyncio.sleep(0.01)
+    drainer.notify(1200.0)
+    source.covered_until = 1300.0  # the pass's empty answer came after the notification
+    source.gate.set()
+    await _settle(drainer)
+    assert source.passes == 1
+    await drainer.stop(1)
+
+
+async def test_failed_pass_is_retried_after_backoff_with_full_check() -> None:
+    source = FakeSource()
+    source.fail_next = [TransientError("QUERY_LIMIT_EXCEEDED")]
+    drainer = Drainer(source, metrics=Metrics(), backoff_base=0.05, backoff_cap=0.05)
+    drainer.start()
+    for _ in range(100):
+        if source.passes >= 2:
+            break
+        await asyncio.sleep(0.02)
+    await _settle(drainer)
+    assert source.passes == 2
+    assert source.full_checks == [True, True]
+    assert drainer.failures == 0
+    await drainer.stop(1)
+
+
+async def test_configuration_error_stops_the_portal() -> None:
+    source = FakeSource()
+    source.fail_next = [PortalStopped("WRONG_LICENSE", "no rest_offline_extended")]
+    metrics = Metrics()
+    drainer = Drainer(source, metrics=metrics, backoff_base=0.01)
+    drainer.start()
+    await _settle(drainer)
+    assert drainer.stopped is not None and "WRONG_LICENSE" in drainer.stopped
+    drainer.notify(5000.0)
+    await asyncio.sleep(0.05)
+    assert source.passes == 1
+    value = metrics.registry.get_sample_value(
+        "bitrix24_bridge_portal_stopped", {"portal": "fake.example"}
+    )
+    assert value == 1
+    await drainer.stop(1)
+
+
+async def test_stop_waits_for_the_pass_then_cancels_after_grace() -> None:
+    source = FakeSource()
+    source.gate = asyncio.Event()
+    drainer = Drainer(source, metrics=Metrics())
+    drainer.start()
+    await asyncio.sleep(0.01)
+    await drainer.stop(0.05)
+    assert not drainer.alive
