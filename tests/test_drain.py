@@ -123,7 +123,8 @@ async def test_configuration_error_stops_the_portal() -> None:
     drainer = Drainer(source, metrics=metrics, backoff_base=0.01)
     drainer.start()
     await _settle(drainer)
-    assert drainer.stopped is not None and "WRONG_LICENSE" in drainer.stopped
+    assert drainer.stopped is not None
+    assert "WRONG_LICENSE" in drainer.stopped
     drainer.notify(5000.0)
     await asyncio.sleep(0.05)
     assert source.passes == 1

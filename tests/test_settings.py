@@ -105,6 +105,5 @@ def test_missing_credentials_fail_with_one_line(tmp_path: object) -> None:
         cwd=str(tmp_path),
     )
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [
-        "bitrix24-bridge: error: BRIDGE_CLIENT_ID is required (the Bitrix24 application's client id)"
-    ]
+    expected = "error: BRIDGE_CLIENT_ID is required (the Bitrix24 application's client id)"
+    assert proc.stderr.strip().splitlines() == [f"bitrix24-bridge: {expected}"]

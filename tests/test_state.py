@@ -58,7 +58,8 @@ async def test_uninstall_forgets_tokens(tmp_path: Path) -> None:
     assert await state.portals() == []
     (gone,) = await state.portals(include_inactive=True)
     assert gone.status == "uninstalled"
-    assert gone.access_token == "" and gone.refresh_token == ""
+    assert gone.access_token == ""
+    assert gone.refresh_token == ""
     await state.close()
 
 
