@@ -84,7 +84,7 @@ async def test_authenticated_notification_wakes_the_drainer(rig) -> None:
 
 
 async def test_json_bodies_are_accepted(rig) -> None:
-    client, service, _ = rig
+    client, _service, _ = rig
     payload = {
         "event": "ONOFFLINEEVENT",
         "auth": {"member_id": MEMBER, "application_token": APP_TOKEN},
