@@ -143,3 +143,26 @@ async def test_stop_waits_for_the_pass_then_cancels_after_grace() -> None:
     await asyncio.sleep(0.01)
     await drainer.stop(0.05)
     assert not drainer.alive
+
+
+async def test_same_second_notifications_are_paced_by_the_request_rate() -> None:
+    source = FakeSource()
+    drainer = Drainer(source, metrics=Metrics(), min_gap=0.3)
+    drainer.start()
+    await _settle(drainer)
+    assert source.passes == 1
+    # covered_until=1000.0: ts 1000 may be newer than the empty answer, so it runs, but not
+    # more often than min_gap however many arrive.
+    started = asyncio.get_running_loop().time()
+    for _ in range(50):
+        drainer.notify(1000.0)
+        await asyncio.sleep(0.01)
+    await _settle(drainer)
+    elapsed = asyncio.get_running_loop().time() - started
+    assert 2 <= source.passes <= 1 + int(elapsed / 0.3) + 1
+    # A notification from a later second is not paced.
+    before = source.passes
+    drainer.notify(1001.0)
+    await asyncio.sleep(0.02)
+    assert source.passes == before + 1
+    await drainer.stop(1)
