@@ -88,6 +88,7 @@ async def _serve(settings: Settings) -> int:
     import uvicorn
 
     from bridge.app import create_app
+    from bridge.server import Server
     from bridge.service import SHUTDOWN_BOUND, Service
 
     service = Service(settings)
@@ -107,7 +108,7 @@ async def _serve(settings: Settings) -> int:
         timeout_graceful_shutdown=int(SHUTDOWN_BOUND),
         server_header=False,
     )
-    server = uvicorn.Server(config)
+    server = Server(config)
     log.info("serving", extra={"host": settings.http_host, "port": settings.http_port})
     await server.serve()
     return 0 if server.started else 1

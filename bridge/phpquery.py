@@ -39,10 +39,7 @@ def _encode_value(name: str, value: Any, pairs: list[str]) -> None:
         for index, item in enumerate(value):
             _encode_value(f"{name}[{index}]", item, pairs)
         return
-    if isinstance(value, bool):
-        text = "1" if value else "0"
-    else:
-        text = str(value)
+    text = ("1" if value else "0") if isinstance(value, bool) else str(value)
     pairs.append(f"{quote(name, safe='[]')}={quote(text, safe='')}")
 
 
@@ -148,7 +145,7 @@ def _plain(array: _PhpArray) -> dict[str, Any] | list[Any]:
     return php_array(converted)
 
 
-def php_array(items: Mapping[int | str, Any]) -> dict[str, Any] | list[Any]:
+def php_array(items: Mapping[Any, Any]) -> dict[str, Any] | list[Any]:
     """What PHP's ``json_encode`` makes of an array: a list when keys are ``0..n-1`` in order."""
     keys = list(items)
     if all(_as_index(key) == position for position, key in enumerate(keys)):

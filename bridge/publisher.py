@@ -8,6 +8,7 @@ never an exception, so the caller clears upstream only what is really stored.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from collections.abc import Callable, Mapping, Sequence
@@ -98,8 +99,9 @@ class Publisher:
         self._on_connection_change = on_connection_change
 
         self._connection: AbstractConnection | None = None
+        self._dead: AbstractConnection | None = None  # lost, still to be closed
         self._channel: AbstractChannel | None = None  # publisher confirms, never used to declare
-        self._amqp: aiormq.abc.AbstractChannel | None = None  # its aiormq channel
+        self._amqp: aiormq.Channel | None = None  # its aiormq channel
         self._declare_channel: AbstractChannel | None = None  # a 404/406 closes only this one
         self._declare_lock = asyncio.Lock()
         self._declared: set[str] = set()
@@ -114,10 +116,20 @@ class Publisher:
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Connect once; the caller decides whether and when to retry."""
+        """Connect once; the caller decides whether and when to retry.
+
+        Raises ``BrokerUnavailable`` when the broker cannot be reached, ``ExchangeMissing`` when
+        it refuses the unrouted exchange or queue (declared elsewhere with other settings).
+        """
         self._closing = False
         try:
             await self._open()
+        except aiormq.exceptions.ChannelClosed as exc:
+            # The broker answered but refused the unrouted exchange or queue (e.g. declared
+            # with other settings): a configuration problem, not an outage.
+            raise ExchangeMissing(
+                f"exchange {self._unrouted} unusable: {self._describe(exc)}"
+            ) from exc
         except Exception as exc:
             raise BrokerUnavailable(
                 f"RabbitMQ at {self._safe_url} is unavailable: {self._describe(exc)}"
@@ -130,6 +142,10 @@ class Publisher:
             recovery.cancel()
             await asyncio.gather(recovery, return_exceptions=True)
         connection, self._connection = self._connection, None
+        dead, self._dead = self._dead, None
+        if dead is not None:
+            with contextlib.suppress(Exception):
+                await dead.close()
         self._channel = self._amqp = self._declare_channel = None
         self._declared.clear()
         self._connection_problem = "publisher closed"
@@ -149,7 +165,7 @@ class Publisher:
             return "; ".join(self._exchange_problems.values())
         return None
 
-    async def wait_connected(self, timeout: float) -> bool:
+    async def wait_connected(self, timeout: float) -> bool:  # noqa: ASYNC109 (public API)
         try:
             await asyncio.wait_for(self._connected_event.wait(), timeout)
         except TimeoutError:
@@ -195,9 +211,13 @@ class Publisher:
         return PublishResult(tuple(confirmed), tuple(failed))
 
     def _report(self, failed: list[tuple[OutgoingMessage, str]]) -> None:
-        if self._on_failure is not None:
+        if self._on_failure is None:
+            return
+        try:
             for _, reason in failed:
                 self._on_failure(reason)
+        except Exception:
+            log.exception("on_failure callback failed")
 
     async def _publish_segment(
         self,
@@ -278,9 +298,7 @@ class Publisher:
             return "returned"
         if isinstance(exc, aiormq.exceptions.DeliveryError):
             return "nack"
-        if isinstance(exc, aiormq.exceptions.ChannelNotFoundEntity) and f"'{exchange}'" in str(
-            exc
-        ):
+        if isinstance(exc, aiormq.exceptions.ChannelNotFoundEntity) and f"'{exchange}'" in str(exc):
             return "missing_exchange"
         return "connection"
 
@@ -304,6 +322,7 @@ class Publisher:
         return unusable
 
     async def _declare_exchange(self, name: str) -> FailureReason | None:
+        arguments: dict[str, Any] | None
         if name == self._unrouted:
             kind, arguments = aio_pika.ExchangeType.FANOUT, None
         else:
@@ -367,8 +386,10 @@ class Publisher:
         try:
             channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
             amqp = await channel.get_underlay_channel()
-            if amqp.on_return_raises is not True:  # a return must never resolve as success
-                raise RuntimeError("publisher channel does not raise on basic.return")
+            # Publishing goes straight to aiormq for basic_publish(wait=False); a return must
+            # fail the confirmation instead of resolving it.
+            if not isinstance(amqp, aiormq.Channel) or not amqp.on_return_raises:
+                raise RuntimeError("unexpected aiormq channel: cannot detect returned messages")
             async with self._declare_lock:
                 if self._declare:
                     await self._declare_unrouted()
@@ -402,6 +423,10 @@ class Publisher:
     def _connection_closed(self, sender: Any, exc: BaseException | None) -> None:
         if self._closing or sender is not self._connection:
             return
+        # aio-pika leaves an unexpectedly closed Connection looking open (is_closed stays
+        # False until close() is called), so forget it here and close it during recovery.
+        self._dead = self._connection
+        self._connection = None
         self._lost(f"broker connection closed: {self._describe(exc)}")
 
     def _channel_closed(self, sender: Any, exc: BaseException | None) -> None:
@@ -422,6 +447,10 @@ class Publisher:
             self._recovery = asyncio.get_running_loop().create_task(self._recover())
 
     async def _recover(self) -> None:
+        dead, self._dead = self._dead, None
+        if dead is not None:
+            with contextlib.suppress(Exception):
+                await dead.close()
         attempt = 0
         while not self._closing:
             delay = min(RECONNECT_MAX_DELAY, RECONNECT_BASE_DELAY * 2**attempt)

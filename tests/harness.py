@@ -18,6 +18,7 @@ import httpx
 import uvicorn
 
 from bridge.app import create_app
+from bridge.server import Server
 from bridge.service import Service
 from bridge.settings import load_settings
 
@@ -47,9 +48,7 @@ async def bridge_in_process(env: Mapping[str, str]) -> AsyncIterator[InProcessBr
     config = uvicorn.Config(
         app, host="127.0.0.1", port=port, log_config=None, lifespan="on", access_log=False
     )
-    server = uvicorn.Server(config)
-    # The test owns the signals; uvicorn must not install its handlers.
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    server = Server(config)
     task = asyncio.create_task(server.serve())
     for _ in range(500):
         if server.started or task.done():

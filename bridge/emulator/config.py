@@ -65,10 +65,15 @@ class EmulatorConfig:
     # portal; the portal is only in `client_endpoint`.
     oauth_domain: str = "oauth.bitrix.info"
     clock: Callable[[], float] = time.time
+    # The host clients reach the portal by, when it listens on a wildcard address.
+    public_host: str | None = None
 
     @property
     def domain(self) -> str:
-        return f"{self.host}:{self.port}"
+        host = self.public_host or self.host
+        if ":" in host:
+            host = f"[{host}]"
+        return f"{host}:{self.port}"
 
     @property
     def base_url(self) -> str:

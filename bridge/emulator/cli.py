@@ -1,0 +1,133 @@
+"""``bitrix24-bridge emulator``: run a Bitrix24 portal emulator until interrupted."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from types import FrameType
+
+from bridge.emulator.config import EmulatorConfig
+from bridge.emulator.server import EmulatorServer
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bitrix24-bridge emulator",
+        description=(
+            "Emulate a Bitrix24 portal with one installed local application: REST under /rest/, "
+            "OAuth at /oauth/token/, notifications POSTed to --handler, and a control API under "
+            "/_emulator/ (add events, read the queue, inject faults)."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=8081, help="port to listen on (0 = any)")
+    parser.add_argument(
+        "--public-host", help="host name the portal announces in its endpoints (default: --host)"
+    )
+    parser.add_argument(
+        "--handler", metavar="URL", help="install URL and default notification handler"
+    )
+    parser.add_argument(
+        "--min-timeout", type=float, default=1.0, help="default minTimeout of ONOFFLINEEVENT (s)"
+    )
+    parser.add_argument(
+        "--rate-limit", type=float, default=2.0, help="leaky bucket drain, requests/s (0 = off)"
+    )
+    parser.add_argument("--rate-burst", type=int, default=50, help="leaky bucket size")
+    parser.add_argument("--token-ttl", type=float, default=3600.0, help="access token life (s)")
+    parser.add_argument(
+        "--operating-budget", type=float, default=480.0, help="operating seconds per method/10 min"
+    )
+    parser.add_argument(
+        "--op-cost-per-call", type=float, default=0.0, help="modelled operating seconds per call"
+    )
+    parser.add_argument(
+        "--op-cost-per-row", type=float, default=0.0, help="modelled operating seconds per row"
+    )
+    parser.add_argument("--latency-ms", type=float, default=0.0, help="delay of every REST answer")
+    parser.add_argument(
+        "--no-offline-extended",
+        action="store_true",
+        help="portal without rest_offline_extended: clear=0 answers WRONG_LICENSE",
+    )
+    parser.add_argument(
+        "--auto-bind", action="store_true", help="queue every event, bound offline or not"
+    )
+    parser.add_argument("--client-id", help="fixed client id (default: random)")
+    parser.add_argument("--client-secret", help="fixed client secret (default: random)")
+    parser.add_argument("--application-token", help="fixed application token (default: random)")
+    parser.add_argument("--member-id", help="fixed member id (default: random)")
+    parser.add_argument("--log-level", default="info", help="uvicorn log level")
+    return parser
+
+
+def config_from(args: argparse.Namespace) -> EmulatorConfig:
+    config = EmulatorConfig(
+        host=args.host,
+        port=args.port,
+        public_host=args.public_host,
+        handler_url=args.handler,
+        min_timeout=args.min_timeout,
+        rate_limit=args.rate_limit or None,
+        rate_burst=args.rate_burst,
+        token_ttl=args.token_ttl,
+        operating_budget=args.operating_budget,
+        op_cost_per_call=args.op_cost_per_call,
+        op_cost_per_row=args.op_cost_per_row,
+        latency_ms=args.latency_ms,
+        offline_extended=not args.no_offline_extended,
+        auto_bind=args.auto_bind,
+    )
+    for name in ("client_id", "client_secret", "application_token", "member_id"):
+        value = getattr(args, name)
+        if value:
+            setattr(config, name, value)
+    return config
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    stop = threading.Event()
+    try:
+        server = EmulatorServer(config_from(args), log_level=args.log_level).start()
+    except OSError as exc:
+        print(f"emulator: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return 1
+    portal = server.portal
+    assert portal is not None
+    refresh = server.run_in_loop(lambda: portal.tokens.issue(1, portal.now()).refresh_token)
+    config = server.config
+    print(
+        "Bitrix24 portal emulator\n"
+        f"  domain             {config.domain}\n"
+        f"  client endpoint    {config.client_endpoint}\n"
+        f"  OAuth URL          {server.oauth_url} (token endpoint {server.token_url})\n"
+        f"  control API        {config.base_url}/_emulator/\n"
+        f"  handler            {config.handler_url or '(none; bind ONOFFLINEEVENT)'}\n"
+        f"  client id          {config.client_id}\n"
+        f"  client secret      {config.client_secret}\n"
+        f"  application token  {config.application_token}\n"
+        f"  member id          {config.member_id}\n"
+        f"  refresh token      {refresh}  (admin; GET /_emulator/app for another)",
+        flush=True,
+    )
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        stop.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

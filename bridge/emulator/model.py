@@ -1,0 +1,69 @@
+"""What a REST method gets and gives back."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from bridge.emulator.errors import RestError
+
+if TYPE_CHECKING:
+    from bridge.emulator.portal import Portal
+
+
+@dataclass(slots=True)
+class Reply:
+    """The answer to one call, plain or inside a batch."""
+
+    result: Any = None
+    total: int | None = None
+    next: int | None = None
+    error: RestError | None = None
+    time: dict[str, Any] | None = None
+    reserved: bool = False  # rows were reserved under a new process_id
+
+    def body(self) -> dict[str, Any]:
+        if self.error is not None:
+            answer = self.error.body()
+        else:
+            answer = {"result": self.result}
+            if self.total is not None:
+                answer["total"] = self.total
+            if self.next is not None:
+                answer["next"] = self.next
+        if self.time is not None:
+            answer["time"] = self.time
+        return answer
+
+    @property
+    def status(self) -> int:
+        return 200 if self.error is None else self.error.status
+
+
+Invoke = Callable[[str, dict[str, Any]], Reply]
+
+
+@dataclass(slots=True)
+class Call:
+    portal: Portal
+    params: dict[str, Any]  # top-level keys upper-cased, as Bitrix24 reads them
+    user_id: int
+    invoke: Invoke  # runs another method for the same user (batch)
+
+
+@dataclass(slots=True)
+class Outcome:
+    result: Any
+    total: int | None = None
+    next: int | None = None
+    rows: int = 0  # rows read, for the modelled operating cost
+    reserved: bool = False
+    # Processing already charged to other methods (a batch's sub-calls).
+    charged_elsewhere: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Method:
+    handler: Callable[[Call], Outcome]
+    admin: bool = False

@@ -1,0 +1,70 @@
+"""Reading REST parameters the lenient way PHP does, and refusing what Bitrix24 refuses."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from bridge.emulator.errors import RestError, argument
+from bridge.emulator.model import Call
+
+_TRUE = {"1", "y", "yes", "true", "on"}
+_FALSE = {"0", "n", "no", "false", "off", ""}
+
+
+def flag(value: Any, default: bool) -> bool:
+    if value is None:
+        return default
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    try:
+        return float(text) != 0
+    except ValueError:
+        raise argument(f"{value!r} is not a flag") from None
+
+
+def integer(value: Any, name: str, default: int) -> int:
+    if value is None or value == "":
+        return default
+    if isinstance(value, bool | Mapping | list):
+        raise argument(f"{name} must be an integer")
+    try:
+        return int(str(value).strip())
+    except ValueError:
+        raise argument(f"{name} must be an integer") from None
+
+
+def text(value: Any) -> str:
+    if value is None or isinstance(value, Mapping | list):
+        return ""
+    return str(value).strip()
+
+
+def items(value: Any) -> list[Any]:
+    """A PHP array's values; a scalar counts as one item, empty as none."""
+    if value is None or value == "":
+        return []
+    if isinstance(value, Mapping):
+        return list(value.values())
+    if isinstance(value, list):
+        return value
+    return [value]
+
+
+def connector(call: Call) -> str:
+    name = text(call.params.get("AUTH_CONNECTOR"))
+    if name and not call.portal.config.auth_connector_feature:
+        raise RestError("WRONG_LICENSE", "auth_connector needs the rest_auth_connector feature")
+    return name
+
+
+def required(call: Call, name: str) -> str:
+    value = text(call.params.get(name))
+    if not value:
+        raise argument(f"Required parameter {name.lower()} is missing")
+    return value

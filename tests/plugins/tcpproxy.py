@@ -1,0 +1,150 @@
+"""A loopback TCP proxy that tests can cut or freeze, to break a connection the way networks do.
+
+``cut()`` aborts every current connection (both sides see a reset); ``pause()`` stops moving
+bytes and serving new connections (the client sees a silent peer, as with a partition);
+``resume()`` lets everything flow again, including connections that arrived while paused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import pytest
+from yarl import URL
+
+BROKER_HOST = "127.0.0.1"
+BROKER_PORT = 5672
+CHUNK = 64 * 1024
+
+
+class TcpProxy:
+    def __init__(self, target_host: str = BROKER_HOST, target_port: int = BROKER_PORT) -> None:
+        self.target_host = target_host
+        self.target_port = target_port
+        self.accepted = 0  # connections served so far, cut or not
+        self.bytes_up = 0  # client -> target, all links
+        self._cut_at: int | None = None
+        self._server: asyncio.Server | None = None
+        self._flowing = asyncio.Event()
+        self._flowing.set()
+        self._links: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("proxy not started")
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
+
+    def url(self, url: str) -> str:
+        """The same AMQP URL, pointed at this proxy."""
+        return str(URL(url).with_host("127.0.0.1").with_port(self.port))
+
+    @property
+    def connections(self) -> int:
+        return len(self._links)
+
+    async def start(self) -> TcpProxy:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        self._flowing.set()
+        self.cut()
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._server = None
+
+    async def __aenter__(self) -> TcpProxy:
+        return await self.start()
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.close()
+
+    def cut(self) -> int:
+        """Abort every current connection; returns how many were cut."""
+        links = list(self._links)
+        self._links.clear()
+        for client, upstream in links:
+            client.transport.abort()
+            upstream.transport.abort()
+        return len(links)
+
+    def cut_after(self, nbytes: int) -> None:
+        """Cut every link once ``nbytes`` more bytes went upstream (mid-frame, deterministic)."""
+        self._cut_at = self.bytes_up + nbytes
+
+    def pause(self) -> None:
+        self._flowing.clear()
+
+    def resume(self) -> None:
+        self._flowing.set()
+
+    @property
+    def paused(self) -> bool:
+        return not self._flowing.is_set()
+
+    async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            await self._flowing.wait()
+            try:
+                up_r, up_w = await asyncio.open_connection(self.target_host, self.target_port)
+            except OSError:
+                client_w.transport.abort()
+                return
+            self.accepted += 1
+            link = (client_w, up_w)
+            self._links.add(link)
+            try:
+                await asyncio.gather(
+                    self._pipe(client_r, up_w, upstream=True), self._pipe(up_r, client_w)
+                )
+            finally:
+                self._links.discard(link)
+                client_w.transport.abort()
+                up_w.transport.abort()
+        finally:
+            self._tasks.discard(task)
+
+    async def _pipe(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, upstream: bool = False
+    ) -> None:
+        with contextlib.suppress(ConnectionError, OSError):
+            while data := await reader.read(CHUNK):
+                # Bytes read while paused are held back here; the kernel buffers fill up and the
+                # sender stalls, as behind a dead link.
+                await self._flowing.wait()
+                if writer.transport.is_closing():
+                    return
+                cut = False
+                if upstream:
+                    if self._cut_at is not None and self.bytes_up + len(data) >= self._cut_at:
+                        data = data[: self._cut_at - self.bytes_up]
+                        self._cut_at, cut = None, True
+                    self.bytes_up += len(data)
+                writer.write(data)
+                if cut:
+                    self.cut()
+                    return
+                await writer.drain()
+        # EOF or error on one side: end the whole link, as a reset would.
+        writer.transport.abort()
+
+
+@pytest.fixture
+async def amqp_proxy() -> AsyncIterator[TcpProxy]:
+    """A started proxy to the test broker; use ``amqp_proxy.url(amqp_url)`` to connect through."""
+    async with TcpProxy() as proxy:
+        yield proxy

@@ -1,0 +1,575 @@
+"""The Helm chart, rendered and linted offline with Helm's own engine (helm-python-sdk).
+
+Every rendered object is validated against the Kubernetes OpenAPI schemas
+(kubernetes-validate); the Prometheus Operator kinds, which it has no schemas for, are checked
+by hand.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import helm_python as helm
+import kubernetes_validate
+import pytest
+import yaml
+from kubernetes_validate.utils import latest_version
+from prometheus_client.metrics_core import Metric
+
+from bridge.metrics import Metrics
+
+CHART_DIR = Path(__file__).resolve().parent.parent / "helm"
+FULL_VALUES = CHART_DIR / "ci" / "full-values.yaml"
+RELEASE = "rel"
+NAMESPACE = "bridge"
+FULLNAME = "rel-bitrix24-bridge"
+
+# The oldest Kubernetes the chart supports that the pinned kubernetes-validate knows, and the
+# newest it knows: an API removed upstream would fail the second.
+KUBE_VERSIONS = ("1.30.0", latest_version())
+
+# Every metric the bridge exposes, as the issue lists them.
+KNOWN_METRICS = {
+    "bitrix24_bridge_events_published_total",
+    "bitrix24_bridge_events_cleared_total",
+    "bitrix24_bridge_publish_failures_total",
+    "bitrix24_bridge_rest_calls_total",
+    "bitrix24_bridge_drain_passes_total",
+    "bitrix24_bridge_drain_pass_duration_seconds",
+    "bitrix24_bridge_events_per_request",
+    "bitrix24_bridge_inflight_reservations",
+    "bitrix24_bridge_upstream_queue_depth",
+    "bitrix24_bridge_oldest_pending_event_age_seconds",
+    "bitrix24_bridge_token_refreshes_total",
+    "bitrix24_bridge_notifications_total",
+    "bitrix24_bridge_broker_connected",
+    "bitrix24_bridge_portal_stopped",
+}
+HISTOGRAMS = {
+    "bitrix24_bridge_drain_pass_duration_seconds",
+    "bitrix24_bridge_events_per_request",
+}
+METRIC_RE = re.compile(r"\bbitrix24_bridge_[a-z0-9_]+")
+
+SECRET_VARS = {
+    "BRIDGE_CLIENT_SECRET",
+    "BRIDGE_REFRESH_TOKEN",
+    "BRIDGE_APPLICATION_TOKEN",
+    "BRIDGE_AMQP_URL",
+    "BRIDGE_STATE_KEY",
+}
+SECRETS = {
+    "clientSecret": "s3cr3t-client",
+    "amqpUrl": "amqp://bridge:pa55word@rabbitmq:5672/crm",
+    "refreshToken": "refresh-0123456789",
+    "applicationToken": "apptoken-abcdef",
+    "stateKey": "c2VjcmV0LWtleS1mb3ItdGVzdHMtMzItYnl0ZXMhISE=",
+}
+
+
+Manifests = dict[tuple[str, str], dict[str, Any]]
+
+
+@pytest.fixture(scope="module")
+def chart() -> Iterator[helm.Chart]:
+    with helm.Chart.load(CHART_DIR) as loaded:
+        yield loaded
+
+
+@pytest.fixture(scope="module")
+def full_values() -> dict[str, Any]:
+    values: dict[str, Any] = yaml.safe_load(FULL_VALUES.read_text())
+    return values
+
+
+def render_raw(chart: helm.Chart, values: dict[str, Any] | None = None) -> dict[str, str]:
+    return chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+
+
+def render(chart: helm.Chart, values: dict[str, Any] | None = None) -> Manifests:
+    """Rendered objects by (kind, name); NOTES.txt and empty documents left out."""
+    objects: Manifests = {}
+    for path, text in render_raw(chart, values).items():
+        if path.endswith("NOTES.txt"):
+            continue
+        for doc in yaml.safe_load_all(text):
+            if doc:
+                key = (doc["kind"], doc["metadata"]["name"])
+                assert key not in objects, f"{key} rendered twice"
+                objects[key] = doc
+    return objects
+
+
+def notes(chart: helm.Chart, values: dict[str, Any] | None = None) -> str:
+    rendered = render_raw(chart, values)
+    return next(text for path, text in rendered.items() if path.endswith("NOTES.txt"))
+
+
+def one(objects: Manifests, kind: str) -> dict[str, Any]:
+    found = [doc for (k, _), doc in objects.items() if k == kind]
+    assert len(found) == 1, f"expected one {kind}, got {len(found)}"
+    return found[0]
+
+
+def container(objects: Manifests) -> dict[str, Any]:
+    containers = one(objects, "Deployment")["spec"]["template"]["spec"]["containers"]
+    assert len(containers) == 1
+    result: dict[str, Any] = containers[0]
+    return result
+
+
+def env_config(objects: Manifests) -> dict[str, str]:
+    """Data of the ConfigMap the container takes its environment from."""
+    (source,) = container(objects)["envFrom"]
+    data: dict[str, str] = objects[("ConfigMap", source["configMapRef"]["name"])]["data"]
+    return data
+
+
+def secret_refs(objects: Manifests) -> dict[str, dict[str, Any]]:
+    """Env variable -> its secretKeyRef."""
+    return {
+        env["name"]: env["valueFrom"]["secretKeyRef"]
+        for env in container(objects).get("env", [])
+        if "secretKeyRef" in env.get("valueFrom", {})
+    }
+
+
+@pytest.fixture(params=["default", "full"])
+def values(request: pytest.FixtureRequest, full_values: dict[str, Any]) -> dict[str, Any] | None:
+    """The chart's defaults, then ci/full-values.yaml."""
+    return None if request.param == "default" else full_values
+
+
+# --- lint and schema validation -------------------------------------------------------------
+
+
+def test_lint_is_clean_in_strict_mode(values: dict[str, Any] | None) -> None:
+    report = helm.lint(CHART_DIR, values, strict=True, namespace=NAMESPACE)
+    # Severity 1 is informational ("icon is recommended"); warnings and errors fail.
+    problems = [m for m in report["messages"] if m["severity"] >= 2]
+    assert problems == []
+    assert report["errors"] == []
+    assert report["total_charts_linted"] == 1
+
+
+@pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
+def test_every_manifest_matches_the_kubernetes_schema(
+    chart: helm.Chart, values: dict[str, Any] | None, kube_version: str
+) -> None:
+    objects = render(chart, values)
+    assert objects
+    for (kind, name), doc in objects.items():
+        if doc["apiVersion"].startswith("monitoring.coreos.com/"):
+            continue  # CRDs: no schema in kubernetes-validate; checked in the tests below
+        try:
+            kubernetes_validate.validate(doc, kube_version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{kind}/{name} is invalid for Kubernetes {kube_version}: {exc.message}")
+
+
+def test_default_values_leave_the_optional_objects_out(chart: helm.Chart) -> None:
+    kinds = {kind for kind, _ in render(chart)}
+    assert kinds == {
+        "ConfigMap",
+        "Deployment",
+        "PersistentVolumeClaim",
+        "PodDisruptionBudget",
+        "Secret",
+        "Service",
+        "ServiceAccount",
+    }
+
+
+def test_full_values_render_every_object(chart: helm.Chart, full_values: dict[str, Any]) -> None:
+    kinds = sorted(kind for kind, _ in render(chart, full_values))
+    # The chart's Secret is replaced by existingSecret; the second ConfigMap is the dashboard.
+    assert kinds == [
+        "ConfigMap",
+        "ConfigMap",
+        "Deployment",
+        "Ingress",
+        "NetworkPolicy",
+        "PersistentVolumeClaim",
+        "PodDisruptionBudget",
+        "PrometheusRule",
+        "Service",
+        "ServiceAccount",
+        "ServiceMonitor",
+    ]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"replicaCount": "two"},
+        {"replicaCount": 2},
+        {"persistence": {"size": 5}},
+        {"config": {"pageSize": "50"}},
+        {"config": {"pageSize": 5000}},
+        {"config": {"logLevel": "VERBOSE"}},
+        {"config": {"events": "ONCRMLEADADD"}},
+        {"config": {"publicUrl": "bridge.example.com"}},
+        {"config": {"extraEnv": {"BRIDGE_CLIENT_SECRET": "leaked"}}},
+        {"image": {"pullPolicy": "Sometimes"}},
+        {"ingress": {"paths": [{"path": "/bitrix24/events", "pathType": "Regex"}]}},
+        {"terminationGracePeriodSeconds": 5},
+        {"replicas": 1},
+    ],
+    ids=lambda bad: json.dumps(bad, sort_keys=True),
+)
+def test_schema_refuses_wrong_values(chart: helm.Chart, bad: dict[str, Any]) -> None:
+    with pytest.raises(helm.HelmValuesError, match="schema"):
+        render_raw(chart, bad)
+
+
+def test_full_values_pass_the_schema(chart: helm.Chart, full_values: dict[str, Any]) -> None:
+    chart.validate_schema(chart.merge_values(full_values))
+
+
+# --- the Deployment -----------------------------------------------------------------------
+
+
+def test_pod_runs_non_root_with_a_read_only_root(chart: helm.Chart) -> None:
+    objects = render(chart)
+    pod = one(objects, "Deployment")["spec"]["template"]["spec"]
+    assert pod["securityContext"] == {
+        "runAsNonRoot": True,
+        "runAsUser": 10001,
+        "runAsGroup": 10001,
+        "fsGroup": 10001,
+        "fsGroupChangePolicy": "OnRootMismatch",
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    ctx = container(objects)["securityContext"]
+    assert ctx["readOnlyRootFilesystem"] is True
+    assert ctx["allowPrivilegeEscalation"] is False
+    assert ctx["capabilities"] == {"drop": ["ALL"]}
+    assert ctx["runAsNonRoot"] is True
+    assert pod["automountServiceAccountToken"] is False
+    assert one(objects, "ServiceAccount")["automountServiceAccountToken"] is False
+
+
+def test_one_replica_replaced_not_rolled(chart: helm.Chart) -> None:
+    deployment = one(render(chart), "Deployment")
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+
+
+def test_probes_hit_livez_and_readyz(chart: helm.Chart) -> None:
+    c = container(render(chart))
+    assert c["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]
+    assert c["startupProbe"]["httpGet"] == {"path": "/livez", "port": "http"}
+    assert c["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "http"}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    # The startup probe must cover a slow start before liveness may kill the pod.
+    startup = c["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 60
+
+
+def test_memory_is_limited_and_shutdown_has_time(chart: helm.Chart) -> None:
+    objects = render(chart)
+    resources = container(objects)["resources"]
+    assert resources["limits"]["memory"] == "256Mi"
+    assert resources["requests"] == {"cpu": "50m", "memory": "64Mi"}
+    # The bridge finishes the in-flight page within ~20 s of SIGTERM.
+    grace = one(objects, "Deployment")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert 20 < grace <= 60
+
+
+def test_state_volume_is_a_claim_mounted_at_the_state_directory(chart: helm.Chart) -> None:
+    objects = render(chart)
+    c = container(objects)
+    mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+    assert mounts == {"state": "/var/lib/bitrix24-bridge", "tmp": "/tmp"}
+    config = env_config(objects)
+    assert config["BRIDGE_STATE_PATH"] == "/var/lib/bitrix24-bridge/state.sqlite3"
+    volumes = {
+        v["name"]: v for v in one(objects, "Deployment")["spec"]["template"]["spec"]["volumes"]
+    }
+    claim = volumes["state"]["persistentVolumeClaim"]["claimName"]
+    pvc = objects[("PersistentVolumeClaim", claim)]
+    assert pvc["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert pvc["spec"]["resources"]["requests"]["storage"] == "1Gi"
+    assert pvc["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    assert "emptyDir" in volumes["tmp"]
+
+
+def test_state_volume_without_persistence_or_from_an_existing_claim(chart: helm.Chart) -> None:
+    ephemeral = render(chart, {"persistence": {"enabled": False}})
+    volumes = one(ephemeral, "Deployment")["spec"]["template"]["spec"]["volumes"]
+    assert next(v for v in volumes if v["name"] == "state") == {"name": "state", "emptyDir": {}}
+    assert not [k for k, _ in ephemeral if k == "PersistentVolumeClaim"]
+    assert "persistence is disabled" in notes(chart, {"persistence": {"enabled": False}})
+
+    existing = render(chart, {"persistence": {"existingClaim": "bridge-state"}})
+    volumes = one(existing, "Deployment")["spec"]["template"]["spec"]["volumes"]
+    state = next(v for v in volumes if v["name"] == "state")
+    assert state["persistentVolumeClaim"] == {"claimName": "bridge-state"}
+    assert not [k for k, _ in existing if k == "PersistentVolumeClaim"]
+
+
+def test_image_defaults_to_the_app_version(chart: helm.Chart) -> None:
+    appversion = chart.metadata["appVersion"]
+    assert container(render(chart))["image"] == f"bitrix24-bridge:{appversion}"
+    digest = "sha256:" + "a" * 64
+    pinned = render(chart, {"image": {"repository": "r.example/b", "digest": digest}})
+    assert container(pinned)["image"] == f"r.example/b@{digest}"
+
+
+# --- configuration and secrets --------------------------------------------------------------
+
+
+def test_secret_variables_come_from_the_charts_secret(chart: helm.Chart) -> None:
+    objects = render(chart, {"secrets": SECRETS})
+    refs = secret_refs(objects)
+    assert set(refs) == SECRET_VARS
+    for var, ref in refs.items():
+        assert ref["name"] == FULLNAME
+        assert ref["key"] == var
+    secret = objects[("Secret", FULLNAME)]
+    decoded = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+    assert decoded == {
+        "BRIDGE_CLIENT_SECRET": SECRETS["clientSecret"],
+        "BRIDGE_AMQP_URL": SECRETS["amqpUrl"],
+        "BRIDGE_REFRESH_TOKEN": SECRETS["refreshToken"],
+        "BRIDGE_APPLICATION_TOKEN": SECRETS["applicationToken"],
+        "BRIDGE_STATE_KEY": SECRETS["stateKey"],
+    }
+    config = env_config(objects)
+    assert not SECRET_VARS & set(config)
+    rendered_config = json.dumps(config)
+    for value in SECRETS.values():
+        assert value not in rendered_config
+
+
+def test_empty_secret_values_are_left_out(chart: helm.Chart) -> None:
+    objects = render(chart, {"secrets": {"clientSecret": "only-this"}})
+    assert set(secret_refs(objects)) == {"BRIDGE_CLIENT_SECRET"}
+    assert set(objects[("Secret", FULLNAME)]["data"]) == {"BRIDGE_CLIENT_SECRET"}
+    # A release without any secret still renders, and says what is missing.
+    assert "no client secret is configured" in notes(chart)
+
+
+def test_existing_secret_with_custom_keys(chart: helm.Chart, full_values: dict[str, Any]) -> None:
+    objects = render(chart, {**full_values, "secrets": SECRETS})
+    assert not [kind for kind, _ in objects if kind == "Secret"]
+    refs = secret_refs(objects)
+    assert {var: ref["key"] for var, ref in refs.items()} == {
+        "BRIDGE_CLIENT_SECRET": "client-secret",
+        "BRIDGE_AMQP_URL": "amqp-url",
+        "BRIDGE_REFRESH_TOKEN": "refresh-token",
+        "BRIDGE_APPLICATION_TOKEN": "application-token",
+        "BRIDGE_STATE_KEY": "state-key",
+    }
+    assert {ref["name"] for ref in refs.values()} == {"bitrix24-credentials"}
+    # The pod cannot run without these two; the bootstrap and key material may be absent.
+    assert {var for var, ref in refs.items() if not ref.get("optional")} == {
+        "BRIDGE_CLIENT_SECRET",
+        "BRIDGE_AMQP_URL",
+    }
+    config = env_config(objects)
+    assert not SECRET_VARS & set(config)
+    for value in SECRETS.values():
+        assert value not in json.dumps(config)
+
+
+def test_client_id_may_live_in_the_secret_but_not_in_both_places(chart: helm.Chart) -> None:
+    in_secret = render(chart, {"secrets": {"clientId": "app.1"}})
+    assert secret_refs(in_secret)["BRIDGE_CLIENT_ID"]["key"] == "BRIDGE_CLIENT_ID"
+    assert "BRIDGE_CLIENT_ID" not in env_config(in_secret)
+    with pytest.raises(helm.HelmRenderError, match="BRIDGE_CLIENT_ID"):
+        render_raw(chart, {"config": {"clientId": "app.1"}, "secrets": {"clientId": "app.1"}})
+
+
+def test_config_map_holds_the_structured_settings(
+    chart: helm.Chart, full_values: dict[str, Any]
+) -> None:
+    data = env_config(render(chart, full_values))
+    assert data["BRIDGE_EVENTS"] == "ONCRMLEADADD,ONCRMDEALUPDATE"
+    assert data["BRIDGE_ALLOWED_DOMAINS"] == "acme.bitrix24.ru,acme-test.bitrix24.ru"
+    assert data["BRIDGE_PAGE_SIZE"] == "50"
+    assert data["BRIDGE_RATE_LIMIT"] == "5"
+    assert data["BRIDGE_DECLARE"] == "false"
+    assert data["BRIDGE_CLIENT_ID"] == "local.6650f7b3a1c2d4.12345678"
+    assert data["BRIDGE_PUBLIC_URL"] == "https://b24-bridge.example.com"
+    assert data["BRIDGE_HTTP_PORT"] == "8080"
+    assert data["TZ"] == "UTC"
+    assert all(isinstance(v, str) for v in data.values())
+
+    defaults = env_config(render(chart))
+    # Unset optional settings stay unset, so the bridge's own defaults apply.
+    assert not {"BRIDGE_PUBLIC_URL", "BRIDGE_PORTAL_URL", "BRIDGE_OAUTH_URL"} & set(defaults)
+    override = render(chart, {"config": {"extraEnv": {"BRIDGE_PAGE_SIZE": "10"}}})
+    assert env_config(override)["BRIDGE_PAGE_SIZE"] == "10"
+
+
+def test_changed_config_or_secret_restarts_the_pod(chart: helm.Chart) -> None:
+    def checksums(values: dict[str, Any] | None) -> dict[str, str]:
+        annotations = one(render(chart, values), "Deployment")["spec"]["template"]["metadata"][
+            "annotations"
+        ]
+        return {k: v for k, v in annotations.items() if k.startswith("checksum/")}
+
+    base = checksums(None)
+    assert set(base) == {"checksum/config", "checksum/secret"}
+    config_changed = checksums({"config": {"pageSize": 10}})
+    assert config_changed["checksum/config"] != base["checksum/config"]
+    assert config_changed["checksum/secret"] == base["checksum/secret"]
+    secret_changed = checksums({"secrets": {"clientSecret": "rotated"}})
+    assert secret_changed["checksum/secret"] != base["checksum/secret"]
+
+
+# --- exposure -------------------------------------------------------------------------------
+
+
+def test_service_and_ingress_publish_only_the_handler(
+    chart: helm.Chart, full_values: dict[str, Any]
+) -> None:
+    objects = render(chart, full_values)
+    service = one(objects, "Service")
+    assert service["spec"]["ports"] == [
+        {"name": "http", "port": 8080, "targetPort": "http", "protocol": "TCP"}
+    ]
+    # The install notification must reach a pod that is not ready yet (no portal).
+    assert service["spec"]["publishNotReadyAddresses"] is True
+    ingress = one(objects, "Ingress")
+    assert ingress["spec"]["ingressClassName"] == "nginx"
+    paths = [p["path"] for rule in ingress["spec"]["rules"] for p in rule["http"]["paths"]]
+    assert paths == ["/bitrix24/events"]
+    assert ingress["spec"]["rules"][0]["host"] == "b24-bridge.example.com"
+    assert ingress["spec"]["tls"][0]["secretName"] == "b24-bridge-tls"
+
+
+def test_pdb_never_blocks_a_node_drain(chart: helm.Chart) -> None:
+    pdb = one(render(chart), "PodDisruptionBudget")
+    assert pdb["spec"]["maxUnavailable"] == 1
+    assert "minAvailable" not in pdb["spec"]
+
+
+def test_network_policy_admits_the_handler_and_needed_egress(
+    chart: helm.Chart, full_values: dict[str, Any]
+) -> None:
+    policy = one(render(chart, full_values), "NetworkPolicy")["spec"]
+    assert policy["policyTypes"] == ["Ingress", "Egress"]
+    assert policy["ingress"][0]["ports"] == [{"port": "http", "protocol": "TCP"}]
+    assert len(policy["ingress"][0]["from"]) == 2
+    egress_ports = {(p["port"], p["protocol"]) for rule in policy["egress"] for p in rule["ports"]}
+    assert {(53, "UDP"), (53, "TCP"), (5671, "TCP"), (443, "TCP")} <= egress_ports
+
+
+def test_every_object_carries_the_standard_labels(
+    chart: helm.Chart, full_values: dict[str, Any]
+) -> None:
+    for (kind, name), doc in render(chart, full_values).items():
+        labels = doc["metadata"]["labels"]
+        assert labels["app.kubernetes.io/name"] == "bitrix24-bridge", (kind, name)
+        assert labels["app.kubernetes.io/instance"] == RELEASE, (kind, name)
+        assert labels["app.kubernetes.io/managed-by"] == "Helm", (kind, name)
+        assert labels["app.kubernetes.io/version"] == chart.metadata["appVersion"], (kind, name)
+        assert labels["helm.sh/chart"] == f"bitrix24-bridge-{chart.version}", (kind, name)
+
+
+def test_notes_name_the_handler_url_and_the_readiness_check(
+    chart: helm.Chart, full_values: dict[str, Any]
+) -> None:
+    text = notes(chart, full_values)
+    assert "https://b24-bridge.example.com/bitrix24/events" in text
+    assert "/readyz" in text
+    assert "WARNING" not in text
+    derived = notes(chart, {"ingress": {"enabled": True, "hosts": ["hook.example.org"]}})
+    assert "http://hook.example.org/bitrix24/events" in derived
+    assert "<public URL of the bridge>/bitrix24/events" in notes(chart)
+
+
+# --- monitoring -----------------------------------------------------------------------------
+
+
+def metric_names(text: str) -> set[str]:
+    """bitrix24_bridge_* names in PromQL, histogram series folded into their family."""
+    names = set()
+    for name in METRIC_RE.findall(text):
+        for suffix in ("_bucket", "_sum", "_count"):
+            base = name.removesuffix(suffix)
+            if base != name and base in HISTOGRAMS:
+                name = base
+        names.add(name)
+    return names
+
+
+def test_known_metrics_match_what_the_bridge_registers() -> None:
+    def exposed(family: Metric) -> str:
+        # prometheus_client drops "_total" from a counter's family name.
+        return family.name + "_total" if family.type == "counter" else family.name
+
+    registered = {exposed(f) for f in Metrics().registry.collect()}
+    assert registered == KNOWN_METRICS
+
+
+def test_dashboard_uses_only_known_metrics(chart: helm.Chart, full_values: dict[str, Any]) -> None:
+    raw = (CHART_DIR / "dashboards" / "bitrix24-bridge.json").read_text()
+    dashboard = json.loads(raw)
+    exprs = [
+        target["expr"]
+        for panel in dashboard["panels"]
+        for target in panel.get("targets", [])
+        if "expr" in target
+    ]
+    assert exprs
+    used = set().union(*(metric_names(e) for e in exprs))
+    assert used <= KNOWN_METRICS, used - KNOWN_METRICS
+    # Every metric is on the dashboard somewhere.
+    assert used == KNOWN_METRICS
+    configmap = render(chart, full_values)[("ConfigMap", "b24-bridge-dashboard")]
+    assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert configmap["metadata"]["namespace"] == "monitoring"
+    assert json.loads(configmap["data"]["bitrix24-bridge.json"]) == dashboard
+
+
+def test_alert_rules_cover_the_failure_modes(
+    chart: helm.Chart, full_values: dict[str, Any]
+) -> None:
+    rule = one(render(chart, full_values), "PrometheusRule")
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+    assert rule["metadata"]["namespace"] == NAMESPACE
+    assert rule["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    rules = [r for group in rule["spec"]["groups"] for r in group["rules"]]
+    for r in rules:
+        assert set(r) >= {"alert", "expr", "for", "labels", "annotations"}, r
+        assert r["labels"]["severity"] in {"warning", "critical"}
+        assert re.fullmatch(r"\d+[smh]", r["for"])
+        assert {"summary", "description"} <= set(r["annotations"])
+        # Scoped to this release's series.
+        assert f'namespace="{NAMESPACE}"' in r["expr"]
+    by_metric = {r["alert"]: metric_names(r["expr"]) for r in rules}
+    assert set().union(*by_metric.values()) <= KNOWN_METRICS
+    assert by_metric == {
+        "Bitrix24BridgeBacklogGrowing": {"bitrix24_bridge_upstream_queue_depth"},
+        "Bitrix24BridgeOldestEventTooOld": {"bitrix24_bridge_oldest_pending_event_age_seconds"},
+        "Bitrix24BridgeDrainFailing": {"bitrix24_bridge_drain_passes_total"},
+        "Bitrix24BridgeTokenRefreshFailing": {"bitrix24_bridge_token_refreshes_total"},
+        "Bitrix24BridgeBrokerDisconnected": {"bitrix24_bridge_broker_connected"},
+        "Bitrix24BridgePortalStopped": {"bitrix24_bridge_portal_stopped"},
+    }
+    # Prometheus's own template syntax survives Helm's rendering.
+    assert "{{ $labels.portal }}" in json.dumps(rules)
+
+
+def test_service_monitor_scrapes_metrics_on_the_http_port(
+    chart: helm.Chart, full_values: dict[str, Any]
+) -> None:
+    objects = render(chart, full_values)
+    monitor = one(objects, "ServiceMonitor")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert monitor["spec"]["endpoints"] == [
+        {"port": "http", "path": "/metrics", "interval": "15s", "scrapeTimeout": "5s"}
+    ]
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    service_labels = one(objects, "Service")["metadata"]["labels"]
+    assert selector.items() <= service_labels.items()

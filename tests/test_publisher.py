@@ -1,0 +1,478 @@
+"""The publisher against a real RabbitMQ: only what the broker acknowledged counts as confirmed."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import re
+import socket
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import aio_pika
+import pytest
+
+from bridge.publisher import (
+    BrokerUnavailable,
+    ExchangeMissing,
+    OutgoingMessage,
+    Publisher,
+    PublishResult,
+)
+from tests.plugins.broker import AmqpNamespace
+from tests.plugins.tcpproxy import TcpProxy
+
+EVENT = "ONCRMDEALUPDATE"
+DOMAIN = "portal.example"
+T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+
+
+def make_messages(
+    ns: AmqpNamespace,
+    count: int,
+    *,
+    event: str = EVENT,
+    routing_key: str = DOMAIN,
+    start: int = 1,
+    padding: int = 0,
+) -> list[OutgoingMessage]:
+    messages = []
+    for n in range(start, start + count):
+        stamp = T0 + timedelta(seconds=n)
+        body = {
+            "ID": str(n),
+            "TIMESTAMP_X": stamp.isoformat(),
+            "EVENT_NAME": event,
+            "EVENT_DATA": {"FIELDS": {"ID": n}, "PAD": "x" * padding},
+            "EVENT_ADDITIONAL": {},
+            "MESSAGE_ID": f"m{n}",
+        }
+        messages.append(
+            OutgoingMessage(
+                exchange=ns.exchange(event.lower()),
+                routing_key=routing_key,
+                body=json.dumps(body, separators=(",", ":")).encode(),
+                message_id=f"member1:{n}:{stamp.isoformat()}",
+                type=event,
+                timestamp=stamp,
+                headers={
+                    "x-bitrix24-domain": DOMAIN,
+                    "x-bitrix24-event": event,
+                    "x-bitrix24-event-id": str(n),
+                },
+                key=f"m{n}",
+            )
+        )
+    return messages
+
+
+def ids(messages: Any) -> list[str]:
+    return [m.message_id for m in messages]
+
+
+@pytest.fixture
+async def make_publisher(amqp_ns: AmqpNamespace) -> AsyncIterator[Callable[..., Publisher]]:
+    made: list[Publisher] = []
+
+    def make(url: str | None = None, **kwargs: Any) -> Publisher:
+        kwargs.setdefault("unrouted_exchange", amqp_ns.unrouted_exchange)
+        publisher = Publisher(url or amqp_ns.url, **kwargs)
+        made.append(publisher)
+        return publisher
+
+    yield make
+    for publisher in made:
+        await publisher.close()
+
+
+async def started(publisher: Publisher) -> Publisher:
+    await publisher.start()
+    return publisher
+
+
+@pytest.fixture
+async def publisher(amqp_ns: AmqpNamespace) -> AsyncIterator[Publisher]:
+    p = Publisher(amqp_ns.url, unrouted_exchange=amqp_ns.unrouted_exchange)
+    await p.start()
+    yield p
+    await p.close()
+
+
+async def eventually(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True
+
+
+# -- what arrives ---------------------------------------------------------------------------
+
+
+async def test_properties_headers_body_and_order_arrive_as_given(
+    publisher: Publisher, amqp_ns: AmqpNamespace
+) -> None:
+    messages = make_messages(amqp_ns, 200)
+    collector = await amqp_ns.consume(messages[0].exchange, DOMAIN)
+
+    result = await publisher.publish(messages)
+
+    assert result.complete
+    assert result.failed == ()
+    assert result.confirmed == tuple(messages)
+    received = await collector.wait_for(len(messages))
+    assert ids(received) == ids(messages)
+    for sent, got in zip(messages, received, strict=True):
+        assert got.body == sent.body
+        assert got.message_id == sent.message_id
+        assert got.type == sent.type
+        assert got.timestamp == sent.timestamp
+        assert got.headers == dict(sent.headers)
+        assert got.content_type == "application/json"
+        assert got.app_id == "bitrix24-bridge"
+        assert got.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+        assert got.routing_key == DOMAIN
+        assert got.exchange == sent.exchange
+
+
+async def test_app_id_and_missing_timestamp(
+    make_publisher: Callable[..., Publisher], amqp_ns: AmqpNamespace
+) -> None:
+    publisher = await started(make_publisher(app_id="bridge-test"))
+    try:
+        message = make_messages(amqp_ns, 1)[0]
+        bare = dataclasses.replace(message, timestamp=None, headers={})
+        collector = await amqp_ns.consume(bare.exchange)
+        assert (await publisher.publish([bare])).complete
+        (got,) = await collector.wait_for(1)
+        assert got.app_id == "bridge-test"
+        assert got.timestamp is None
+        assert got.headers == {}
+    finally:
+        await publisher.close()
+
+
+async def test_duplicate_message_ids_in_one_publish_keep_order(
+    publisher: Publisher, amqp_ns: AmqpNamespace
+) -> None:
+    first = make_messages(amqp_ns, 3)
+    again = dataclasses.replace(first[0], key="again")
+    batch = [*first, again, *make_messages(amqp_ns, 2, start=10)]
+    collector = await amqp_ns.consume(first[0].exchange)
+
+    result = await publisher.publish(batch)
+
+    assert result.confirmed == tuple(batch)
+    assert [m.body for m in await collector.wait_for(len(batch))] == [m.body for m in batch]
+
+
+# -- exchanges ------------------------------------------------------------------------------
+
+
+async def test_exchange_is_durable_topic_with_alternate_and_unrouted_is_kept(
+    publisher: Publisher, amqp_ns: AmqpNamespace
+) -> None:
+    # Nobody bound anything: the publisher declares the exchange, the message goes to the
+    # alternate exchange and is confirmed because the unrouted queue stored it.
+    messages = make_messages(amqp_ns, 3, event="ONTASKADD")
+    exchange = messages[0].exchange
+
+    result = await publisher.publish(messages)
+
+    assert result.confirmed == tuple(messages)
+    unrouted = await amqp_ns.consume_queue(amqp_ns.unrouted_exchange)
+    assert ids(await unrouted.wait_for(3)) == ids(messages)
+
+    channel = await amqp_ns.channel()
+    # An equivalent declaration succeeds; any difference in type, durability or arguments
+    # is refused by the broker (406), which proves what the publisher declared.
+    await channel.declare_exchange(
+        exchange,
+        aio_pika.ExchangeType.TOPIC,
+        durable=True,
+        arguments={"alternate-exchange": amqp_ns.unrouted_exchange},
+    )
+    for kind, durable, arguments in [
+        (aio_pika.ExchangeType.FANOUT, True, {"alternate-exchange": amqp_ns.unrouted_exchange}),
+        (aio_pika.ExchangeType.TOPIC, False, {"alternate-exchange": amqp_ns.unrouted_exchange}),
+        (aio_pika.ExchangeType.TOPIC, True, {"alternate-exchange": "other"}),
+    ]:
+        channel = await amqp_ns.channel()
+        with pytest.raises(aio_pika.exceptions.ChannelPreconditionFailed):
+            await channel.declare_exchange(exchange, kind, durable=durable, arguments=arguments)
+
+    channel = await amqp_ns.channel()
+    await channel.declare_exchange(
+        amqp_ns.unrouted_exchange, aio_pika.ExchangeType.FANOUT, durable=True
+    )
+    with pytest.raises(aio_pika.exceptions.ChannelPreconditionFailed):
+        await channel.declare_exchange(
+            amqp_ns.unrouted_exchange, aio_pika.ExchangeType.TOPIC, durable=True
+        )
+    channel = await amqp_ns.channel()
+    await channel.declare_queue(amqp_ns.unrouted_exchange, durable=True)
+    with pytest.raises(aio_pika.exceptions.ChannelPreconditionFailed):
+        await channel.declare_queue(amqp_ns.unrouted_exchange, durable=False)
+
+
+async def test_declare_false_missing_exchange_fails_and_is_reported(
+    make_publisher: Callable[..., Publisher], amqp_ns: AmqpNamespace
+) -> None:
+    reasons: list[str] = []
+    publisher = await started(make_publisher(declare=False, on_failure=reasons.append))
+    try:
+        assert publisher.connected
+        assert amqp_ns.unrouted_exchange in (publisher.problem or "")
+
+        present = make_messages(amqp_ns, 2, event="ONPRESENT")
+        absent = make_messages(amqp_ns, 3, event="ONABSENT", start=10)
+        await amqp_ns.declare_exchange(present[0].exchange)
+        collector = await amqp_ns.consume(present[0].exchange, declare_exchange=False)
+
+        result = await publisher.publish([*present, *absent])
+
+        assert result.confirmed == tuple(present)
+        assert result.failed == tuple((m, "missing_exchange") for m in absent)
+        assert reasons == ["missing_exchange"] * 3
+        assert absent[0].exchange in (publisher.problem or "")
+        assert ids(await collector.wait_for(2)) == ids(present)
+        assert publisher.connected  # a failed passive declare must not cost the connection
+
+        # Someone else declares them: the same publisher now delivers.
+        channel = await amqp_ns.channel()
+        await channel.declare_exchange(
+            amqp_ns.unrouted_exchange, aio_pika.ExchangeType.FANOUT, durable=True
+        )
+        await amqp_ns.declare_exchange(absent[0].exchange)
+        late = await amqp_ns.consume(absent[0].exchange, declare_exchange=False)
+
+        result = await publisher.publish(absent)
+
+        assert result.confirmed == tuple(absent)
+        assert ids(await late.wait_for(3)) == ids(absent)
+        assert publisher.problem is None
+    finally:
+        await publisher.close()
+
+
+async def test_declare_false_never_creates_exchanges(
+    make_publisher: Callable[..., Publisher], amqp_ns: AmqpNamespace
+) -> None:
+    publisher = await started(make_publisher(declare=False))
+    try:
+        messages = make_messages(amqp_ns, 1, event="ONNEVER")
+        assert not (await publisher.publish(messages)).complete
+    finally:
+        await publisher.close()
+    channel = await amqp_ns.channel()
+    for name in (messages[0].exchange, amqp_ns.unrouted_exchange):
+        with pytest.raises(aio_pika.exceptions.ChannelNotFoundEntity):
+            await channel.declare_exchange(name, passive=True)
+        channel = await amqp_ns.channel()
+
+
+async def test_exchange_deleted_behind_our_back_is_declared_again(
+    make_publisher: Callable[..., Publisher], amqp_ns: AmqpNamespace
+) -> None:
+    changes: list[bool] = []
+    publisher = await started(make_publisher(on_connection_change=changes.append))
+    messages = make_messages(amqp_ns, 3)
+    assert (await publisher.publish(messages[:1])).complete
+    channel = await amqp_ns.channel()
+    await channel.exchange_delete(messages[0].exchange)
+
+    result = await publisher.publish(messages[1:2])
+
+    assert result.failed == ((messages[1], "missing_exchange"),)
+    # The broker closed the publishing channel (404); the publisher opens a new one.
+    assert await eventually(lambda: changes == [True, False, True])
+    assert (await publisher.publish(messages[2:])).confirmed == (messages[2],)
+    await amqp_ns.declare_exchange(messages[0].exchange, passive=True)
+
+
+async def test_start_refuses_an_unrouted_exchange_declared_differently(
+    make_publisher: Callable[..., Publisher], amqp_ns: AmqpNamespace
+) -> None:
+    channel = await amqp_ns.channel()
+    await channel.declare_exchange(
+        amqp_ns.unrouted_exchange, aio_pika.ExchangeType.TOPIC, durable=True
+    )
+    publisher = make_publisher()
+
+    with pytest.raises(ExchangeMissing, match=re.escape(amqp_ns.unrouted_exchange)):
+        await publisher.start()
+    assert not publisher.connected
+
+
+# -- failures -------------------------------------------------------------------------------
+
+
+async def test_nack_fails_exactly_the_rejected_messages(
+    make_publisher: Callable[..., Publisher], amqp_ns: AmqpNamespace
+) -> None:
+    reasons: list[str] = []
+    publisher = await started(make_publisher(on_failure=reasons.append))
+    try:
+        ok = make_messages(amqp_ns, 5, routing_key="ok")
+        full = make_messages(amqp_ns, 5, routing_key="full", start=100)
+        exchange = ok[0].exchange
+        # A queue that is always full and refuses instead of dropping: the broker nacks.
+        await amqp_ns.declare_queue(
+            exchange, "full", arguments={"x-max-length": 0, "x-overflow": "reject-publish"}
+        )
+        collector = await amqp_ns.consume(exchange, "ok")
+        batch = [m for pair in zip(ok, full, strict=True) for m in pair]
+
+        result = await publisher.publish(batch)
+
+        assert result.confirmed == tuple(ok)
+        assert sorted(ids(m for m, _ in result.failed)) == sorted(ids(full))
+        assert {reason for _, reason in result.failed} == {"nack"}
+        assert not result.complete
+        assert reasons == ["nack"] * 5
+        assert ids(await collector.wait_for(5)) == ids(ok)
+    finally:
+        await publisher.close()
+
+
+async def test_returned_message_is_not_confirmed(
+    publisher: Publisher, amqp_ns: AmqpNamespace
+) -> None:
+    # Without its alternate exchange an unroutable mandatory message comes back (basic.return)
+    # and is then acked: it must still be a failure.
+    routed = make_messages(amqp_ns, 2, routing_key="bound")
+    lost = make_messages(amqp_ns, 2, routing_key="nobody", start=50)
+    collector = await amqp_ns.consume(routed[0].exchange, "bound")
+    channel = await amqp_ns.channel()
+    await channel.exchange_delete(amqp_ns.unrouted_exchange)
+
+    result = await publisher.publish([routed[0], lost[0], routed[1], lost[1]])
+
+    assert result.confirmed == tuple(routed)
+    assert result.failed == tuple((m, "returned") for m in lost)
+    assert ids(await collector.wait_for(2)) == ids(routed)
+
+
+async def test_cut_mid_publish_never_reports_a_missing_message_as_confirmed(
+    make_publisher: Callable[..., Publisher],
+    amqp_ns: AmqpNamespace,
+    amqp_proxy: TcpProxy,
+    amqp_url: str,
+) -> None:
+    changes: list[bool] = []
+    publisher = await started(
+        make_publisher(amqp_proxy.url(amqp_url), on_connection_change=changes.append)
+    )
+    try:
+        messages = make_messages(amqp_ns, 5000, padding=200)
+        # The observer reads straight from the broker, not through the proxy.
+        collector = await amqp_ns.consume(messages[0].exchange)
+        assert (await publisher.publish(messages[:1])).complete  # exchange declared and cached
+        await collector.wait_for(1)
+        total = sum(len(m.body) for m in messages)
+
+        amqp_proxy.cut_after(total // 10)  # a few hundred messages reach the broker
+        result = await publisher.publish(messages)
+        amqp_proxy.pause()  # and then the broker stays unreachable for a while
+
+        assert len(result.confirmed) + len(result.failed) == len(messages)
+        assert result.failed, "the cut happened after everything was confirmed"
+        assert {reason for _, reason in result.failed} == {"connection"}
+        confirmed = set(ids(result.confirmed))
+        assert ids(result.confirmed) == [
+            m.message_id for m in messages if m.message_id in confirmed
+        ]
+        stored = set(ids(await collector.settle(quiet=1.0)))
+        missing = [m.message_id for m in result.confirmed if m.message_id not in stored]
+        assert missing == [], f"{len(missing)} confirmed messages are not in the broker"
+        assert len(stored) < len(messages)  # really cut mid-publish
+
+        assert not publisher.connected
+        assert changes == [True, False]
+        assert "connection closed" in (publisher.problem or "")
+        failed_fast = await asyncio.wait_for(publisher.publish(messages[:3]), 2)
+        assert [reason for _, reason in failed_fast.failed] == ["connection"] * 3
+
+        amqp_proxy.resume()
+        assert await publisher.wait_connected(15)
+        assert publisher.problem is None
+        again = make_messages(amqp_ns, 20, start=9000)
+        result = await publisher.publish(again)
+        assert result.confirmed == tuple(again)
+        assert changes[:3] == [True, False, True]
+    finally:
+        await publisher.close()
+
+
+async def test_confirm_timeout_when_broker_goes_silent(
+    make_publisher: Callable[..., Publisher],
+    amqp_ns: AmqpNamespace,
+    amqp_proxy: TcpProxy,
+    amqp_url: str,
+) -> None:
+    reasons: list[str] = []
+    publisher = await started(
+        make_publisher(amqp_proxy.url(amqp_url), confirm_timeout=1.0, on_failure=reasons.append)
+    )
+    try:
+        messages = make_messages(amqp_ns, 10)
+        collector = await amqp_ns.consume(messages[0].exchange)
+        assert (await publisher.publish(messages[:1])).complete
+
+        amqp_proxy.pause()
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        result = await publisher.publish(messages[1:])
+        elapsed = loop.time() - began
+
+        assert result.confirmed == ()
+        assert result.failed == tuple((m, "timeout") for m in messages[1:])
+        assert reasons == ["timeout"] * 9
+        assert 0.9 <= elapsed < 5
+        assert publisher.connected  # silence is not (yet) a lost connection
+
+        # Late confirmations after the timeout are ignored; the publisher keeps working.
+        amqp_proxy.resume()
+        await collector.wait_for(10)
+        more = make_messages(amqp_ns, 3, start=100)
+        assert (await publisher.publish(more)).confirmed == tuple(more)
+    finally:
+        await publisher.close()
+
+
+async def test_start_against_closed_port_raises_broker_unavailable_without_password() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    password = "s3cret-Pa55word"
+    changes: list[bool] = []
+    publisher = Publisher(
+        f"amqp://bridge:{password}@127.0.0.1:{port}/vh",
+        unrouted_exchange="unrouted",
+        on_connection_change=changes.append,
+    )
+
+    with pytest.raises(BrokerUnavailable) as caught:
+        await publisher.start()
+
+    text = str(caught.value)
+    assert password not in text
+    assert "\n" not in text
+    assert f"127.0.0.1:{port}" in text
+    assert not publisher.connected
+    assert publisher.problem is not None
+    assert changes == []
+    result = await publisher.publish(make_messages(AmqpNamespace("amqp://x", "t"), 2))
+    assert [reason for _, reason in result.failed] == ["connection"] * 2
+    await publisher.close()
+
+
+async def test_publish_result_complete_only_when_everything_confirmed() -> None:
+    message = make_messages(AmqpNamespace("amqp://x", "t"), 1)[0]
+    assert PublishResult((message,), ()).complete
+    assert PublishResult((), ()).complete
+    assert not PublishResult((), ((message, "nack"),)).complete
