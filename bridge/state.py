@@ -53,6 +53,13 @@ CREATE TABLE IF NOT EXISTS cursors (
     updated_at REAL NOT NULL,
     PRIMARY KEY (source, key)
 );
+CREATE TABLE IF NOT EXISTS seen (
+    source TEXT NOT NULL,
+    key TEXT NOT NULL,
+    id TEXT NOT NULL,
+    added_at REAL NOT NULL,
+    PRIMARY KEY (source, key, id)
+);
 """
 
 _SECRET_FIELDS = ("access_token", "refresh_token", "application_token")
@@ -315,6 +322,53 @@ class State:
                 )
 
         await self._write(run)
+
+    # -- bounded seen-sets and secrets of polled sources -----------------------------------
+
+    async def seen_filter(self, source: str, key: str, ids: Sequence[str]) -> set[str]:
+        """The subset of ``ids`` already recorded as published."""
+
+        def run() -> set[str]:
+            found: set[str] = set()
+            unique = list(dict.fromkeys(ids))
+            for start in range(0, len(unique), 500):  # well under SQLite's variable limit
+                chunk = unique[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                rows = self._conn.execute(
+                    f"SELECT id FROM seen WHERE source=? AND key=? AND id IN ({marks})",  # noqa: S608
+                    (source, key, *chunk),
+                )
+                found.update(r[0] for r in rows)
+            return found
+
+        return await self._run(run)
+
+    async def seen_add(self, source: str, key: str, ids: Sequence[str], keep: int) -> None:
+        """Record ``ids`` as published; only the ``keep`` most recent stay."""
+
+        def run() -> None:
+            now = time.time()
+            with self._conn:
+                self._conn.executemany(
+                    "INSERT OR IGNORE INTO seen VALUES (?,?,?,?)",
+                    [(source, key, i, now) for i in ids],
+                )
+                self._conn.execute(
+                    "DELETE FROM seen WHERE source=? AND key=? AND rowid <= (SELECT rowid FROM "
+                    "seen WHERE source=? AND key=? ORDER BY rowid DESC LIMIT 1 OFFSET ?)",
+                    (source, key, source, key, keep),
+                )
+
+        await self._write(run)
+
+    async def source_secret(self, source: str, key: str) -> str | None:
+        """A secret of a polled source (a rotating refresh token), decrypted."""
+        value = await self.cursor(source, key)
+        return None if value is None else self._open_secret(value)
+
+    async def set_source_secret(self, source: str, key: str, value: str) -> None:
+        """Stored in ``cursors``, encrypted with ``BRIDGE_STATE_KEY`` when one is set."""
+        await self.set_cursor(source, key, self._seal(value))
 
 
 def _connect(path: str) -> sqlite3.Connection:

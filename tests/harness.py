@@ -43,7 +43,7 @@ class InProcessBridge:
 @contextlib.asynccontextmanager
 async def bridge_in_process(env: Mapping[str, str]) -> AsyncIterator[InProcessBridge]:
     settings = load_settings(dict(env))
-    port = free_port()
+    port = int(env.get("BRIDGE_HTTP_PORT") or free_port())
     app = create_app(settings)
     config = uvicorn.Config(
         app, host="127.0.0.1", port=port, log_config=None, lifespan="on", access_log=False
@@ -129,3 +129,83 @@ class BridgeProcess:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return ""
+
+
+class Portal:
+    """The emulator's control API, as a test uses it."""
+
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url
+        self.http = httpx.AsyncClient(base_url=base_url, timeout=30)
+
+    async def close(self) -> None:
+        await self.http.aclose()
+
+    async def _json(self, method: str, path: str, body: object | None = None) -> dict[str, object]:
+        response = await self.http.request(method, path, json=body)
+        response.raise_for_status()
+        data: dict[str, object] = response.json()
+        return data
+
+    async def app(self) -> dict[str, str]:
+        return await self._json("GET", "/_emulator/app")  # type: ignore[return-value]
+
+    async def generate(self, event: str, count: int, start_id: int = 1) -> dict[str, object]:
+        body = {"generate": {"event": event, "count": count, "start_id": start_id}}
+        return await self._json("POST", "/_emulator/events", body)
+
+    async def add(self, events: list[dict[str, object]]) -> dict[str, object]:
+        return await self._json("POST", "/_emulator/events", {"events": events})
+
+    async def queue(self) -> dict[str, object]:
+        return await self._json("GET", "/_emulator/queue")
+
+    async def calls(self) -> dict[str, int]:
+        return await self._json("GET", "/_emulator/calls")  # type: ignore[return-value]
+
+    async def stats(self) -> dict[str, object]:
+        return await self._json("GET", "/_emulator/stats")
+
+    async def faults(self, **faults: object) -> dict[str, object]:
+        return await self._json("POST", "/_emulator/faults", faults)
+
+    async def notify(self) -> dict[str, object]:
+        return await self._json("POST", "/_emulator/notify", {})
+
+    async def is_empty(self) -> bool:
+        queue = await self.queue()
+        return queue["free"] == 0 and queue["reserved"] == {}
+
+    async def wait_empty(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if await self.is_empty():
+                return
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"the portal queue is not empty: {await self.queue()}")
+
+
+async def bridge_env(
+    portal: Portal, amqp: object, state_path: Path, **extra: str
+) -> dict[str, str]:
+    """The environment of a bridge bootstrapped against an emulated portal."""
+    app = await portal.app()
+    env = {
+        "BRIDGE_AMQP_URL": amqp.url,  # type: ignore[attr-defined]
+        "BRIDGE_EXCHANGE_TEMPLATE": amqp.exchange_template,  # type: ignore[attr-defined]
+        "BRIDGE_UNROUTED_EXCHANGE": amqp.unrouted_exchange,  # type: ignore[attr-defined]
+        "BRIDGE_CLIENT_ID": app["client_id"],
+        "BRIDGE_CLIENT_SECRET": app["client_secret"],
+        "BRIDGE_OAUTH_URL": app["oauth_url"],
+        "BRIDGE_PORTAL_URL": portal.base_url,
+        "BRIDGE_REFRESH_TOKEN": app["refresh_token"],
+        "BRIDGE_APPLICATION_TOKEN": app["application_token"],
+        "BRIDGE_STATE_PATH": str(state_path),
+        "BRIDGE_POLL_INTERVAL": "2",
+        "BRIDGE_RATE_LIMIT": "500",
+        "BRIDGE_RATE_BURST": "500",
+        "BRIDGE_LOG_FORMAT": "text",
+        "BRIDGE_LOG_LEVEL": "INFO",
+    }
+    env.update(extra)
+    return env

@@ -105,9 +105,7 @@ def test_request_formats(emulator: EmulatorServer, portal: PortalClient) -> None
     http = portal.http
     form = http.post("/rest/feature.get", data={"auth": token, "CODE": "rest_auth_connector"})
     assert form.json()["result"] == {"value": "Y"}
-    bearer = http.post(
-        "/rest/app.info.json", json={}, headers={"Authorization": f"Bearer {token}"}
-    )
+    bearer = http.post("/rest/app.info.json", json={}, headers={"Authorization": f"Bearer {token}"})
     assert bearer.json()["result"]["STATUS"] == "L"
     query = http.get("/rest/user.admin", params={"auth": token})
     assert query.json()["result"] is True
@@ -147,4 +145,3 @@ def test_expire_tokens_fault(portal: PortalClient) -> None:
     assert "result" in portal.call("app.info")
     portal.control("faults", {"expire_tokens": True})
     assert portal.call("app.info")["error"] == "expired_token"
-

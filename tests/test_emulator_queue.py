@@ -27,7 +27,8 @@ def bound(portal: PortalClient) -> PortalClient:
 
 @pytest.fixture
 def clocked(
-    emulator_factory: EmulatorFactory, portal_client_factory: Callable[[EmulatorServer], PortalClient]
+    emulator_factory: EmulatorFactory,
+    portal_client_factory: Callable[[EmulatorServer], PortalClient],
 ) -> tuple[PortalClient, FakeClock]:
     clock = FakeClock()
     client = portal_client_factory(emulator_factory(clock=clock, rate_limit=None))

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import re
 import socket
+import subprocess
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -196,14 +197,16 @@ async def test_exchange_is_durable_topic_with_alternate_and_unrouted_is_kept(
         durable=True,
         arguments={"alternate-exchange": amqp_ns.unrouted_exchange},
     )
-    for kind, durable, arguments in [
-        (aio_pika.ExchangeType.FANOUT, True, {"alternate-exchange": amqp_ns.unrouted_exchange}),
-        (aio_pika.ExchangeType.TOPIC, False, {"alternate-exchange": amqp_ns.unrouted_exchange}),
-        (aio_pika.ExchangeType.TOPIC, True, {"alternate-exchange": "other"}),
+    for kind, durable, alternate in [
+        (aio_pika.ExchangeType.FANOUT, True, amqp_ns.unrouted_exchange),
+        (aio_pika.ExchangeType.TOPIC, False, amqp_ns.unrouted_exchange),
+        (aio_pika.ExchangeType.TOPIC, True, "other"),
     ]:
         channel = await amqp_ns.channel()
         with pytest.raises(aio_pika.exceptions.ChannelPreconditionFailed):
-            await channel.declare_exchange(exchange, kind, durable=durable, arguments=arguments)
+            await channel.declare_exchange(
+                exchange, kind, durable=durable, arguments={"alternate-exchange": alternate}
+            )
 
     channel = await amqp_ns.channel()
     await channel.declare_exchange(
@@ -442,6 +445,41 @@ async def test_confirm_timeout_when_broker_goes_silent(
         assert (await publisher.publish(more)).confirmed == tuple(more)
     finally:
         await publisher.close()
+
+
+def _rabbitmqctl_eval(expression: str) -> str:
+    done = subprocess.run(
+        ["rabbitmqctl", "-q", "eval", expression], check=True, capture_output=True, timeout=60
+    )
+    return done.stdout.decode().strip()
+
+
+@pytest.mark.slow
+async def test_blocked_connection_waits_and_times_out_without_losing_the_connection(
+    make_publisher: Callable[..., Publisher], amqp_ns: AmqpNamespace
+) -> None:
+    # A memory alarm blocks every publishing connection of the node; keep the window short.
+    publisher = await started(make_publisher(confirm_timeout=2.0))
+    messages = make_messages(amqp_ns, 6)
+    collector = await amqp_ns.consume(messages[0].exchange)
+    assert (await publisher.publish(messages[:1])).complete
+    saved = _rabbitmqctl_eval("vm_memory_monitor:get_vm_memory_high_watermark().")
+    _rabbitmqctl_eval("vm_memory_monitor:set_vm_memory_high_watermark({absolute, 1}).")
+    try:
+        assert await eventually(
+            lambda: "memory" in _rabbitmqctl_eval("rabbit_alarm:get_alarms()."), 15
+        )
+        result = await publisher.publish(messages[1:])
+    finally:
+        _rabbitmqctl_eval(f"vm_memory_monitor:set_vm_memory_high_watermark({saved}).")
+
+    assert result.confirmed == ()
+    assert {reason for _, reason in result.failed} == {"timeout"}
+    assert publisher.connected
+    # Once unblocked, the held messages go through and the publisher carries on.
+    await collector.wait_for(6, timeout=20)
+    more = make_messages(amqp_ns, 2, start=50)
+    assert (await publisher.publish(more)).confirmed == tuple(more)
 
 
 async def test_start_against_closed_port_raises_broker_unavailable_without_password() -> None:

@@ -17,7 +17,6 @@ from typing import Any
 
 from bridge.emulator.query import Filter, Order
 
-
 _SERIALIZE = json.JSONEncoder(sort_keys=True, separators=(",", ":")).encode
 
 

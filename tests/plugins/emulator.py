@@ -59,7 +59,9 @@ class NotificationSink:
 
     def start(self) -> NotificationSink:
         self._server.bind()
-        self._server.serve(Starlette(routes=[Route("/{path:path}", self._record, methods=["POST"])]))
+        self._server.serve(
+            Starlette(routes=[Route("/{path:path}", self._record, methods=["POST"])])
+        )
         return self
 
     def stop(self) -> None:
@@ -138,7 +140,9 @@ class PortalClient:
 
     def add(self, *events: dict[str, Any] | str, connector: str = "") -> dict[str, Any]:
         items = [{"event": e} if isinstance(e, str) else e for e in events]
-        response = self.http.post("/_emulator/events", json={"events": items, "connector": connector})
+        response = self.http.post(
+            "/_emulator/events", json={"events": items, "connector": connector}
+        )
         assert response.status_code == 200, response.text
         answer: dict[str, Any] = response.json()
         return answer

@@ -31,6 +31,7 @@ class TcpProxy:
         self._flowing.set()
         self._links: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._waiting: set[asyncio.StreamWriter] = set()  # accepted while paused
 
     @property
     def port(self) -> int:
@@ -54,12 +55,14 @@ class TcpProxy:
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
-        self._flowing.set()
         self.cut()
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        self._flowing.set()
+        # Aborted transports end every pipe by themselves; cancelling a connection handler
+        # would make asyncio log an error from its done-callback.
+        if self._tasks:
+            _, stuck = await asyncio.wait(list(self._tasks), timeout=5)
+            for task in stuck:
+                task.cancel()
         if self._server is not None:
             await self._server.wait_closed()
             self._server = None
@@ -71,9 +74,14 @@ class TcpProxy:
         await self.close()
 
     def cut(self) -> int:
-        """Abort every current connection; returns how many were cut."""
+        """Abort every current connection (and those waiting while paused); returns how many
+        established links were cut."""
         links = list(self._links)
         self._links.clear()
+        waiting = list(self._waiting)
+        self._waiting.clear()
+        for client in waiting:
+            client.transport.abort()
         for client, upstream in links:
             client.transport.abort()
             upstream.transport.abort()
@@ -98,7 +106,13 @@ class TcpProxy:
         assert task is not None
         self._tasks.add(task)
         try:
-            await self._flowing.wait()
+            self._waiting.add(client_w)
+            try:
+                await self._flowing.wait()
+            finally:
+                self._waiting.discard(client_w)
+            if client_w.transport.is_closing():
+                return  # cut while waiting
             try:
                 up_r, up_w = await asyncio.open_connection(self.target_host, self.target_port)
             except OSError:

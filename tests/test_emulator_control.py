@@ -1,0 +1,113 @@
+"""The control API under /_emulator/ and the ``emulator`` command line."""
+
+from __future__ import annotations
+
+import pytest
+
+from bridge.emulator import EmulatorServer
+from bridge.emulator.cli import build_parser, config_from
+from tests.plugins.emulator import PortalClient
+
+
+def test_app_hands_out_a_fresh_refresh_token_each_call(
+    emulator: EmulatorServer, portal: PortalClient
+) -> None:
+    first, second = portal.app(), portal.app()
+    assert set(first) == {
+        "client_id",
+        "client_secret",
+        "application_token",
+        "member_id",
+        "domain",
+        "client_endpoint",
+        "oauth_url",
+        "refresh_token",
+    }
+    assert first["refresh_token"] != second["refresh_token"]
+    assert first["oauth_url"] == emulator.oauth_url
+    assert portal.refresh(first["refresh_token"]).status_code == 200
+
+
+def test_events_answer_counts(portal: PortalClient) -> None:
+    portal.bind("ONCRMLEADADD")
+    events = [
+        {"event": "ONCRMLEADADD", "data": {"FIELDS": {"ID": "1"}}, "user_id": 1},
+        {"event": "ONCRMLEADADD", "data": {"FIELDS": {"ID": "1"}}},
+        {"event": "ONCRMDEALADD", "data": {"FIELDS": {"ID": "1"}}},
+    ]
+    answer = portal.http.post("/_emulator/events", json={"events": events, "connector": ""})
+    assert answer.json() == {"added": 1, "coalesced": 1, "ignored": 1}
+    generated = portal.control("events", {"generate": {"event": "ONCRMLEADADD", "count": 10}})
+    assert generated == {"added": 9, "coalesced": 1, "ignored": 0}
+
+
+@pytest.mark.parametrize("body", [b"[1]", b"{", b'{"events": [{"data": 1}]}', b'{"nothing": 1}'])
+def test_events_refuses_bad_bodies(portal: PortalClient, body: bytes) -> None:
+    answer = portal.http.post("/_emulator/events", content=body)
+    assert answer.status_code == 400
+    assert "error" in answer.json()
+
+
+def test_queue_detail_calls_stats_and_reset(portal: PortalClient) -> None:
+    portal.bind("ONCRMLEADADD")
+    portal.add("ONCRMLEADADD")
+    pid = portal.result("event.offline.get", {"clear": 0})["process_id"]
+    portal.call("event.offline.get", {"limit": -1})
+    detail = portal.queue(detail=True)
+    assert detail["reserved"] == {pid: 1}
+    assert [row["PROCESS_ID"] for row in detail["rows"]] == [pid]
+    calls = portal.http.get("/_emulator/calls").json()
+    assert calls == {"event.bind": 1, "event.offline.get": 2}
+    assert portal.stats()["errors"] == {"ERROR_ARGUMENT": 1}
+    portal.control("faults", {"fail": {"app.info": 3}})
+
+    assert portal.control("reset") == {"reset": True}
+    assert portal.queue() == {"free": 0, "reserved": {}, "errors": 0}
+    assert portal.http.get("/_emulator/calls").json() == {}
+    assert "result" in portal.call("app.info")  # faults are gone, the token still works
+    assert len(portal.result("event.get")) == 1  # bindings survive a reset
+
+
+def test_clock_moves_the_portals_time(portal: PortalClient) -> None:
+    before = portal.call("app.info")["time"]["start"]
+    assert portal.control("clock", {"advance": 7200})["now"] >= before + 7200
+    assert portal.call("app.info")["error"] == "expired_token"
+
+
+def test_faults_refuse_garbage(portal: PortalClient) -> None:
+    answer = portal.http.post("/_emulator/faults", json={"fail": {"app.info": "many"}})
+    assert answer.status_code == 400
+
+
+def test_command_line_options() -> None:
+    args = build_parser().parse_args(
+        [
+            "--port",
+            "0",
+            "--handler",
+            "http://127.0.0.1:9/hook",
+            "--min-timeout",
+            "3",
+            "--rate-limit",
+            "0",
+            "--rate-burst",
+            "250",
+            "--token-ttl",
+            "60",
+            "--op-cost-per-row",
+            "0.0003",
+            "--client-id",
+            "local.x",
+        ]
+    )
+    config = config_from(args)
+    assert config.handler_url == "http://127.0.0.1:9/hook"
+    assert (config.min_timeout, config.rate_limit, config.rate_burst) == (3, None, 250)
+    assert (config.token_ttl, config.op_cost_per_row, config.client_id) == (60, 0.0003, "local.x")
+
+
+def test_command_line_help(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["--help"])
+    assert exit_info.value.code == 0
+    assert "--min-timeout" in capsys.readouterr().out
