@@ -25,6 +25,12 @@ CLEAR = "event.offline.clear"
 LIST = "event.offline.list"
 
 
+# Answers that prove the reservation never ran, so it cannot have left an orphan behind.
+REFUSED_BEFORE_RUNNING = frozenset(
+    {"QUERY_LIMIT_EXCEEDED", "OPERATION_TIME_LIMIT", "expired_token", "invalid_token"}
+)
+
+
 class NotConfirmed(Exception):
     """Some events of a page were not confirmed; they stay reserved for the next pass."""
 
@@ -134,7 +140,8 @@ class OfflineQueue:
                 self.orphans_suspected = True
                 raise
             error = answer.errors.get("get")
-            if isinstance(error, OutcomeUnknown):
+            if error is not None and error.code not in REFUSED_BEFORE_RUNNING:
+                # A server fault may strike after the rows were stamped: look for them.
                 self.orphans_suspected = True
             reservation = (
                 None if error is not None else self._reservation(answer.results.get("get"))

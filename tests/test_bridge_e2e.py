@@ -92,3 +92,192 @@ async def test_5000_events_arrive_exactly_once_with_the_contracted_message(
         "x-bitrix24-event-id": str(body["ID"]),
         "x-bitrix24-message-id": body["MESSAGE_ID"],
     }
+
+
+async def _journal(state_path: Path) -> list[tuple[str, str, str]]:
+    from bridge.state import State
+
+    state = await State.open(str(state_path))
+    try:
+        return await state.journal_all()
+    finally:
+        await state.close()
+
+
+async def test_sigkill_at_random_moments_loses_nothing(emulated, amqp_ns, tmp_path: Path) -> None:
+    import asyncio
+    import random
+
+    from tests.harness import BridgeProcess
+
+    _server, portal, port = emulated
+    collector = await amqp_ns.consume(amqp_ns.exchange("oncrmleadadd"))
+    state_path = tmp_path / "state.sqlite3"
+    env = await bridge_env(portal, amqp_ns, state_path, BRIDGE_HTTP_PORT=str(port))
+    bridge = BridgeProcess(env, tmp_path / "bridge.log")
+    total = 5000
+    rng = random.Random()
+    kills = 0
+    try:
+        await portal.generate("ONCRMLEADADD", total)
+        for _ in range(4):
+            bridge.start()
+            await bridge.wait_live()
+            # Somewhere inside the drain: before, during or after a page.
+            await asyncio.sleep(rng.uniform(0.05, 1.5))
+            bridge.kill()
+            kills += 1
+        bridge.start()
+        await bridge.wait_live()
+        await portal.wait_empty(timeout=120)
+        await collector.settle(quiet=1.0, timeout=60)
+        bridge.terminate()
+    finally:
+        bridge.stop()
+    ids = collector.message_ids
+    unique = set(ids)
+    print(
+        f"kills={kills} delivered={len(ids)} unique={len(unique)} duplicates={len(ids) - len(unique)}"
+    )
+    assert len(unique) == total
+    assert await _journal(state_path) == []
+    assert await portal.is_empty()
+
+
+async def test_broker_connection_cut_mid_page_loses_nothing(
+    emulated, amqp_ns, amqp_proxy, tmp_path: Path
+) -> None:
+    import asyncio
+
+    _server, portal, port = emulated
+    collector = await amqp_ns.consume(amqp_ns.exchange("oncrmleadadd"))
+    env = await bridge_env(
+        portal,
+        amqp_ns,
+        tmp_path / "state.sqlite3",
+        BRIDGE_HTTP_PORT=str(port),
+        BRIDGE_AMQP_URL=amqp_proxy.url(amqp_ns.url),
+    )
+    total = 2000
+    async with bridge_in_process(env) as bridge:
+        session = next(iter(bridge.service.sessions.values()))
+        await session.drainer.idle.wait()
+        cleared_before_cut: list[int] = []
+        for round_ in range(3):
+            await portal.generate("ONCRMLEADADD", total // 4, start_id=round_ * 1000 + 1)
+            # Cut in the middle of a frame, a few pages into the drain.
+            amqp_proxy.cut_after(20_000 + round_ * 7_000)
+            await asyncio.sleep(1.0)
+            cleared_before_cut.append(len(collector.message_ids))
+        await portal.generate("ONCRMLEADADD", total // 4, start_id=5001)
+        await portal.wait_empty(timeout=120)
+        await collector.settle(quiet=1.0)
+        failures = bridge.service.metrics.registry.get_sample_value(
+            "bitrix24_bridge_publish_failures_total", {"reason": "connection"}
+        )
+    ids = set(collector.message_ids)
+    assert len(ids) == total
+    assert failures and failures > 0, "the cut must have hit a publish"
+
+
+async def test_broker_nack_keeps_events_reserved_until_accepted(
+    emulated, amqp_ns, tmp_path: Path
+) -> None:
+    import asyncio
+
+    _server, portal, port = emulated
+    exchange = amqp_ns.exchange("oncrmleadadd")
+    # A queue that refuses everything: the broker nacks every message routed to it.
+    await amqp_ns.declare_queue(
+        exchange, arguments={"x-max-length": 0, "x-overflow": "reject-publish"}
+    )
+    env = await bridge_env(
+        portal,
+        amqp_ns,
+        tmp_path / "state.sqlite3",
+        BRIDGE_HTTP_PORT=str(port),
+        BRIDGE_POLL_INTERVAL="0.5",
+    )
+    async with bridge_in_process(env) as bridge:
+        await portal.generate("ONCRMLEADADD", 120)
+        registry = bridge.service.metrics.registry
+        for _ in range(100):
+            nacks = registry.get_sample_value(
+                "bitrix24_bridge_publish_failures_total", {"reason": "nack"}
+            )
+            if nacks and nacks >= 50:
+                break
+            await asyncio.sleep(0.1)
+        queue = await portal.queue()
+        # Nothing was cleared: every event is still in the portal, reserved or free.
+        assert queue["free"] + sum(queue["reserved"].values()) == 120
+        cleared = registry.get_sample_value(
+            "bitrix24_bridge_events_cleared_total", {"event": "ONCRMLEADADD"}
+        )
+        assert not cleared
+        # Once the refusing queue is gone, the same events are delivered.
+        refusing = list(amqp_ns._queues)
+        collector = await amqp_ns.consume(exchange)
+        channel = await amqp_ns.channel()
+        for name in refusing:
+            await channel.queue_delete(name)
+            amqp_ns._queues.remove(name)
+        await portal.wait_empty(timeout=60)
+        await collector.settle(quiet=1.0)
+    assert len(set(collector.message_ids)) == 120
+
+
+def _sample(bridge, name: str, labels: dict[str, str]) -> float:
+    value = bridge.service.metrics.registry.get_sample_value(name, labels)
+    return value or 0.0
+
+
+async def test_upstream_faults_during_a_drain_lose_nothing(
+    emulated, amqp_ns, tmp_path: Path
+) -> None:
+    import asyncio
+
+    _server, portal, port = emulated
+    collector = await amqp_ns.consume(amqp_ns.exchange("oncrmleadadd"))
+    state_path = tmp_path / "state.sqlite3"
+    env = await bridge_env(portal, amqp_ns, state_path, BRIDGE_HTTP_PORT=str(port))
+    await portal.faults(latency_ms=3)
+    await portal.generate("ONCRMLEADADD", 3000)
+    async with bridge_in_process(env) as bridge:
+        refreshes = {"outcome": "ok"}
+        for faults in (
+            {"fail": {"event.offline.get": 2}},
+            {"fail": {"event.offline.clear": 2}},
+            {"fail_with": {"batch": {"error": "QUERY_LIMIT_EXCEEDED", "count": 3}}},
+            {"drop_next_reservation": True},
+            {"expire_tokens": True},
+            {"fail_with": {"event.offline.get": {"error": "OPERATION_TIME_LIMIT", "count": 1}}},
+        ):
+            await portal.faults(**faults)
+            await asyncio.sleep(0.4)
+        await portal.wait_empty(timeout=120)
+        await collector.settle(quiet=1.0)
+        assert _sample(bridge, "bitrix24_bridge_token_refreshes_total", refreshes) == 1
+        journal = await bridge.service.state.journal_all()
+    assert journal == []
+    assert len(set(collector.message_ids)) == 3000
+    stats = await portal.stats()
+    for code in (
+        "INTERNAL_SERVER_ERROR",
+        "QUERY_LIMIT_EXCEEDED",
+        "expired_token",
+        "OPERATION_TIME_LIMIT",
+    ):
+        assert stats["errors"].get(code), f"{code} was never answered: the fault did not fire"
+    # The reservation whose answer was lost was found through event.offline.list.
+    assert any(r.getMessage() == "orphaned reservations found" for r in caplog.records)
+
+    # The rotated refresh token was stored: a restart (whose bootstrap token is long dead)
+    # refreshes from the state file once, and drains again.
+    await portal.faults(expire_tokens=True)
+    await portal.generate("ONCRMLEADADD", 10, start_id=10_001)
+    async with bridge_in_process(env) as bridge:
+        await portal.wait_empty(timeout=60)
+        await collector.settle(quiet=0.5)
+        assert _sample(bridge, "bitrix24_bridge_token_refreshes_total", {"outcome": "ok"}) == 1
+    assert len(set(collector.message_ids)) == 3010

@@ -6,7 +6,7 @@ credentials become required.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
@@ -36,23 +36,23 @@ class DiadocSettings(BaseSettings):
     )
 
     api_url: str = "https://diadoc-api.kontur.ru"
-    token_url: str = "https://identity.kontur.ru/connect/token"
+    token_url: str = "https://identity.kontur.ru/connect/token"  # noqa: S105 (a URL)
     client_id: str | None = None
     client_secret: SecretStr | None = None
     # Used only until the first refresh: refresh tokens rotate, the live one is kept in state.
     refresh_token: SecretStr | None = None
     boxes: CommaList = ()
 
-    poll_interval: float = Field(30, gt=0)
-    rescan_window: float = Field(3600, ge=0)
-    rescan_interval: float = Field(300, gt=0)
+    poll_interval: float = Field(default=30, gt=0)
+    rescan_window: float = Field(default=3600, ge=0)
+    rescan_interval: float = Field(default=300, gt=0)
     # Where a box seen for the first time starts reading, in seconds before now.
-    start_lookback: float = Field(3600, ge=0)
-    page_limit: int = Field(100, ge=1, le=100)
-    seen_keep: int = Field(100_000, ge=1000)
+    start_lookback: float = Field(default=3600, ge=0)
+    page_limit: int = Field(default=100, ge=1, le=100)
+    seen_keep: int = Field(default=100_000, ge=1000)
     populate_documents: bool = True
-    exchange: str = Field("diadoc.events", min_length=1)
-    request_timeout: float = Field(30, gt=0)
+    exchange: str = Field(default="diadoc.events", min_length=1)
+    request_timeout: float = Field(default=30, gt=0)
 
     @field_validator("boxes", mode="before")
     @classmethod
@@ -105,7 +105,9 @@ def load_diadoc_settings(env: dict[str, str] | None = None) -> DiadocSettings:
     try:
         if env is None:
             return DiadocSettings()
-        values = {k[len(PREFIX) :].lower(): v for k, v in env.items() if k.startswith(PREFIX)}
+        values: dict[str, Any] = {
+            k[len(PREFIX) :].lower(): v for k, v in env.items() if k.startswith(PREFIX)
+        }
         return DiadocSettings(_env_file=None, **values)  # type: ignore[call-arg]
     except ValidationError as exc:
         raise ConfigError(_describe_diadoc(exc)) from None

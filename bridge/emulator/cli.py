@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 import sys
 import threading
 from collections.abc import Sequence
 from types import FrameType
+
+import uvicorn.config
 
 from bridge.emulator.config import EmulatorConfig
 from bridge.emulator.server import EmulatorServer
@@ -92,8 +95,13 @@ def config_from(args: argparse.Namespace) -> EmulatorConfig:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     stop = threading.Event()
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
-        server = EmulatorServer(config_from(args), log_level=args.log_level).start()
+        server = EmulatorServer(
+            config_from(args), log_level=args.log_level, log_config=uvicorn.config.LOGGING_CONFIG
+        ).start()
     except OSError as exc:
         print(f"emulator: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 1

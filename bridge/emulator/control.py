@@ -142,8 +142,10 @@ async def install(request: Request) -> JSONResponse:
         body = await _json(request)
     except BadRequest as exc:
         return _error(str(exc))
-    portal.install()
     url = body.get("url") or portal.config.handler_url
+    if not url:
+        return _error("no install URL: start the emulator with a handler or pass 'url'", 409)
+    portal.install()
     return await _deliver(portal, url, portal.install_notice(int(body.get("user_id", 1))))
 
 

@@ -60,9 +60,9 @@ class Notifier:
         self.stats["sent"] += 1
         return await self.post(url, form)
 
-    async def aclose(self) -> None:
+    async def aclose(self, grace: float = 1.0) -> None:
         if self._pending:
-            await asyncio.wait(self._pending, timeout=self._timeout)
+            await asyncio.wait(self._pending, timeout=grace)
         for task in list(self._pending):
             task.cancel()
         if self._client is not None:

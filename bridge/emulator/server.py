@@ -24,10 +24,19 @@ T = TypeVar("T")
 class ThreadedServer:
     """uvicorn in its own thread with its own event loop; the socket is bound before start."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, log_level: str = "warning"):
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        log_level: str | None = None,
+        log_config: dict[str, Any] | None = None,
+    ) -> None:
+        # Without a log level or config uvicorn leaves the host process's logging alone.
         self.host = host
         self._requested_port = port
         self._log_level = log_level
+        self._log_config = log_config
         self._socket: socket.socket | None = None
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
@@ -57,6 +66,7 @@ class ThreadedServer:
         config = uvicorn.Config(
             app,
             log_level=self._log_level,
+            log_config=self._log_config,
             access_log=False,
             http="h11",
             ws="none",
@@ -116,9 +126,17 @@ class ThreadedServer:
 class EmulatorServer:
     """A running emulator: ``with EmulatorServer(EmulatorConfig()) as emulator: ...``."""
 
-    def __init__(self, config: EmulatorConfig | None = None, *, log_level: str = "warning"):
+    def __init__(
+        self,
+        config: EmulatorConfig | None = None,
+        *,
+        log_level: str | None = None,
+        log_config: dict[str, Any] | None = None,
+    ) -> None:
         config = config if config is not None else EmulatorConfig()
-        self._runner = ThreadedServer(config.host, config.port, log_level=log_level)
+        self._runner = ThreadedServer(
+            config.host, config.port, log_level=log_level, log_config=log_config
+        )
         self.config = config
         self.portal: Portal | None = None
 

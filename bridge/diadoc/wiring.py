@@ -1,0 +1,142 @@
+"""Plugging the Diadoc source into the service: one self-polling drainer per box, and status."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+import httpx
+
+from bridge.diadoc.client import DiadocAuth, DiadocClient
+from bridge.diadoc.metrics import diadoc_metrics
+from bridge.diadoc.settings import DiadocSettings
+from bridge.diadoc.source import SOURCE, Cursor, DocflowFeed, FeedOptions
+from bridge.diadoc.ticks import to_unix
+from bridge.drain import Drainer, Source
+from bridge.metrics import Metrics
+from bridge.publisher import Publisher
+from bridge.state import State
+
+log = logging.getLogger(__name__)
+
+
+class PolledDrainer(Drainer):
+    """A drainer that ticks itself: Diadoc sends no notifications, polling is the only trigger."""
+
+    def __init__(
+        self,
+        source: Source,
+        *,
+        metrics: Metrics,
+        interval: float,
+        backoff_base: float = 1.0,
+        backoff_cap: float = 60.0,
+    ) -> None:
+        super().__init__(
+            source, metrics=metrics, backoff_base=backoff_base, backoff_cap=backoff_cap
+        )
+        self.interval = interval
+        self._ticker: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        super().start()
+        self._ticker = asyncio.create_task(self._tick(), name=f"poll {self.source.name}")
+
+    async def stop(self, grace: float) -> None:
+        ticker, self._ticker = self._ticker, None
+        if ticker is not None:
+            ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await ticker
+        await super().stop(grace)
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            self.tick()
+
+
+def options_of(settings: DiadocSettings) -> FeedOptions:
+    return FeedOptions(
+        exchange=settings.exchange,
+        page_limit=settings.page_limit,
+        rescan_window=settings.rescan_window,
+        rescan_interval=settings.rescan_interval,
+        start_lookback=settings.start_lookback,
+        seen_keep=settings.seen_keep,
+        populate_documents=settings.populate_documents,
+    )
+
+
+def diadoc_drainers(
+    settings: DiadocSettings,
+    *,
+    state: State,
+    publisher: Publisher,
+    metrics: Metrics,
+    http: httpx.AsyncClient,
+) -> list[Drainer]:
+    """One drainer per configured box (none when Diadoc is off); the caller starts and stops them.
+
+    The boxes share one OpenID Connect session, so a rotated refresh token is used by one
+    refresher at a time.
+    """
+    if not settings.enabled:
+        return []
+    for name in settings.plain_http_urls():
+        log.warning("%s uses plain http:// on a non-loopback host; tokens travel unencrypted", name)
+    # Both are checked by DiadocSettings whenever boxes are configured.
+    assert settings.client_id is not None
+    assert settings.client_secret is not None
+    dmetrics = diadoc_metrics(metrics.registry)
+    auth = DiadocAuth(
+        http,
+        token_url=settings.token_url,
+        client_id=settings.client_id,
+        client_secret=settings.client_secret.get_secret_value(),
+        bootstrap_refresh_token=(
+            settings.refresh_token.get_secret_value() if settings.refresh_token else None
+        ),
+        state=state,
+        metrics=dmetrics,
+        timeout=settings.request_timeout,
+    )
+    client = DiadocClient(
+        http, auth, api_url=settings.api_url, metrics=dmetrics, timeout=settings.request_timeout
+    )
+    options = options_of(settings)
+    drainers: list[Drainer] = []
+    for box in settings.boxes:
+        feed = DocflowFeed(
+            box, client=client, state=state, publisher=publisher, metrics=dmetrics, options=options
+        )
+        drainers.append(PolledDrainer(feed, metrics=metrics, interval=settings.poll_interval))
+    return drainers
+
+
+async def diadoc_status(settings: DiadocSettings, state: State) -> list[dict[str, Any]]:
+    """Per box: where its cursor stands and how far behind the feed it is (state only)."""
+    now = time.time()
+    rows: list[dict[str, Any]] = []
+    for box in settings.boxes:
+        raw = await state.cursor(SOURCE, box)
+        cursor = Cursor.loads(raw) if raw is not None else None
+        last_event = to_unix(cursor.ticks) if cursor and cursor.after else None
+        checked = cursor.checked_at if cursor else None
+        rows.append(
+            {
+                "box_id": box,
+                "source": "diadoc",
+                "started": cursor is not None,
+                "cursor": cursor.after if cursor else None,
+                "last_event_at": last_event,
+                "last_caught_up_at": checked,
+                # Seconds since the feed was last read to its end with everything confirmed;
+                # None until that happened once.
+                "lag_s": None if checked is None else round(max(0.0, now - checked), 1),
+            }
+        )
+    return rows
