@@ -233,9 +233,12 @@ def _sample(bridge, name: str, labels: dict[str, str]) -> float:
 
 
 async def test_upstream_faults_during_a_drain_lose_nothing(
-    emulated, amqp_ns, tmp_path: Path
+    emulated, amqp_ns, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     import asyncio
+    import logging
+
+    caplog.set_level(logging.INFO, logger="bridge")
 
     _server, portal, port = emulated
     collector = await amqp_ns.consume(amqp_ns.exchange("oncrmleadadd"))

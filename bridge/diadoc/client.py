@@ -72,6 +72,7 @@ class DiadocAuth:
         self._lock = asyncio.Lock()
         self._access: str | None = None
         self._expires_at = 0.0
+        self._renewal: asyncio.Task[str] | None = None
         self.refreshes = 0
 
     async def token(self) -> str:
@@ -83,30 +84,45 @@ class DiadocAuth:
     async def refresh(self, *, failed_token: str | None) -> str:
         """A new access token, unless another caller already replaced ``failed_token``."""
         async with self._lock:
+            renewal = self._renewal
+            if renewal is not None and not renewal.done():
+                # Its caller was cancelled mid-way; the renewal itself was not (see below).
+                await asyncio.shield(renewal)
             if self._access is not None and self._access != failed_token:
                 return self._access
-            refresh_token, from_bootstrap = await self._refresh_token()
-            try:
-                access, expires_in, rotated = await self._exchange(refresh_token)
-            except UpstreamError:
-                self._metrics.token_refreshes.labels(outcome="failed").inc()
-                raise
-            # Refresh tokens may rotate: the old one may be dead already, so the new one is on
-            # disk before the access token that came with it is used.
-            if rotated is not None and rotated != refresh_token:
-                await self._state.set_source_secret(AUTH_SOURCE, REFRESH_KEY, rotated)
-            elif from_bootstrap:
-                await self._state.set_source_secret(AUTH_SOURCE, REFRESH_KEY, refresh_token)
-            if from_bootstrap and self._bootstrap is not None:
-                await self._state.set_cursor(
-                    AUTH_SOURCE, BOOTSTRAP_KEY, _fingerprint(self._bootstrap)
-                )
-            self._access = access
-            self._expires_at = time.time() + expires_in
-            self.refreshes += 1
-            self._metrics.token_refreshes.labels(outcome="ok").inc()
-            log.info("diadoc access token refreshed", extra={"expires_in_s": round(expires_in)})
-            return access
+            # Shielded: once the provider rotated the refresh token, the new one must reach the
+            # state file even if the pass that asked is cancelled (a shutdown, say); losing it
+            # would kill the token chain for good.
+            renewal = self._renewal = asyncio.create_task(self._renew(), name="diadoc oidc")
+            renewal.add_done_callback(_retrieve)
+            return await asyncio.shield(renewal)
+
+    async def settle(self) -> None:
+        """Wait for a renewal still running for a cancelled caller (before closing the state)."""
+        if self._renewal is not None:
+            await asyncio.gather(self._renewal, return_exceptions=True)
+
+    async def _renew(self) -> str:
+        refresh_token, from_bootstrap = await self._refresh_token()
+        try:
+            access, expires_in, rotated = await self._exchange(refresh_token)
+        except UpstreamError:
+            self._metrics.token_refreshes.labels(outcome="failed").inc()
+            raise
+        # Refresh tokens may rotate: the old one may be dead already, so the new one is on
+        # disk before the access token that came with it is used.
+        if rotated is not None and rotated != refresh_token:
+            await self._state.set_source_secret(AUTH_SOURCE, REFRESH_KEY, rotated)
+        elif from_bootstrap:
+            await self._state.set_source_secret(AUTH_SOURCE, REFRESH_KEY, refresh_token)
+        if from_bootstrap and self._bootstrap is not None:
+            await self._state.set_cursor(AUTH_SOURCE, BOOTSTRAP_KEY, _fingerprint(self._bootstrap))
+        self._access = access
+        self._expires_at = time.time() + expires_in
+        self.refreshes += 1
+        self._metrics.token_refreshes.labels(outcome="ok").inc()
+        log.info("diadoc access token refreshed", extra={"expires_in_s": round(expires_in)})
+        return access
 
     async def _refresh_token(self) -> tuple[str, bool]:
         """The refresh token to use, and whether it is the bootstrap variable's.
@@ -273,6 +289,12 @@ class DiadocClient:
             raise TransientError("bad_answer", "no Events list", method=METHOD)
         total = body.get("TotalCount")
         return EventsPage(tuple(events), total if isinstance(total, int) else None)
+
+
+def _retrieve(task: asyncio.Task[str]) -> None:
+    # A renewal whose caller was cancelled may fail unobserved; its error was counted already.
+    if not task.cancelled():
+        task.exception()
 
 
 def _detail(response: httpx.Response | None, fallback: str) -> str:

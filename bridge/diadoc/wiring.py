@@ -52,6 +52,9 @@ class PolledDrainer(Drainer):
             with contextlib.suppress(asyncio.CancelledError):
                 await ticker
         await super().stop(grace)
+        if isinstance(self.source, DocflowFeed):
+            # A token renewal outlives a cancelled pass; let it store the rotated token first.
+            await self.source.client.auth.settle()
 
     async def _tick(self) -> None:
         while True:
