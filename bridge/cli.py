@@ -58,7 +58,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args_list and args_list[0] == "demo":
         from bridge.demo import main as demo_main
 
-        return demo_main(args_list[1:])
+        demo_status: int = demo_main(args_list[1:])
+        return demo_status
     args = _parser().parse_args(args_list)
     try:
         settings = load_settings()

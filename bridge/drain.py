@@ -30,6 +30,8 @@ class Source(Protocol):
 
     async def run_pass(self, *, full_check: bool) -> PassReport: ...
 
+    def request_stop(self) -> None: ...
+
 
 class Drainer:
     def __init__(
@@ -96,6 +98,7 @@ class Drainer:
     async def stop(self, grace: float) -> None:
         """Let the pass in flight finish its page within ``grace`` seconds, then cancel it."""
         self._closing = True
+        self.source.request_stop()
         self._closed.set()
         self._wake.set()
         if self._task is None:

@@ -107,6 +107,11 @@ class OfflineQueue:
         self._page_size = page_size
         self.connector = routing.connector
         self.orphans_suspected = True  # unknown until the first scan at startup
+        self.stopping = False
+
+    def request_stop(self) -> None:
+        """Finish the page in flight (publish, confirm, clear), then reserve nothing more."""
+        self.stopping = True
 
     @property
     def name(self) -> str:
@@ -129,7 +134,7 @@ class OfflineQueue:
         if full_check or self.orphans_suspected:
             await self._recover_orphans(report)
         pending: ConfirmedPage | None = None
-        while True:
+        while not self.stopping:
             commands: dict[str, tuple[str, Mapping[str, Any]]] = {}
             if pending is not None:
                 commands["clear"] = (CLEAR, pending.clear_params(self.connector))
@@ -251,6 +256,8 @@ class OfflineQueue:
         journal = await self._state.journal(self.member_id, self.connector)
         self._metrics.inflight.labels(portal=self.name).set(len(journal))
         for process_id in journal:
+            if self.stopping:
+                return
             await self.recover(process_id, report)
 
     async def recover(self, process_id: str, report: PassReport) -> None:

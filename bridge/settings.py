@@ -186,7 +186,8 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
 
 def _settings_from(env: dict[str, str]) -> Settings:
     values = {k[len("BRIDGE_") :].lower(): v for k, v in env.items() if k.startswith("BRIDGE_")}
-    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+    # model_validate skips the environment and .env sources: only ``env`` counts.
+    return Settings.model_validate(values)
 
 
 def _describe(exc: ValidationError) -> str:

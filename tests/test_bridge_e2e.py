@@ -284,3 +284,111 @@ async def test_upstream_faults_during_a_drain_lose_nothing(
         await collector.settle(quiet=0.5)
         assert _sample(bridge, "bitrix24_bridge_token_refreshes_total", {"outcome": "ok"}) == 1
     assert len(set(collector.message_ids)) == 3010
+
+
+async def test_forged_and_malformed_notifications_cause_no_rest_call(
+    emulated, amqp_ns, tmp_path: Path
+) -> None:
+    import httpx
+
+    _server, portal, port = emulated
+    env = await bridge_env(
+        portal,
+        amqp_ns,
+        tmp_path / "state.sqlite3",
+        BRIDGE_HTTP_PORT=str(port),
+        BRIDGE_POLL_INTERVAL="0",
+    )
+    app = await portal.app()
+    form = {"content-type": "application/x-www-form-urlencoded"}
+    async with bridge_in_process(env) as bridge, httpx.AsyncClient() as client:
+        await next(iter(bridge.service.sessions.values())).drainer.idle.wait()
+        before = await portal.calls()
+        member, token = app["member_id"], app["application_token"]
+        attempts = [
+            (
+                f"event=ONOFFLINEEVENT&auth[member_id]={member}&auth[application_token]={'0' * 32}",
+                form,
+                401,
+            ),
+            (
+                f"event=ONOFFLINEEVENT&auth[member_id]={'f' * 32}&auth[application_token]={token}",
+                form,
+                401,
+            ),
+            ("event=ONOFFLINEEVENT", form, 401),
+            (f"event=ONAPPUNINSTALL&auth[member_id]={member}&auth[application_token]=x", form, 401),
+            ("event=ONCRMLEADADD&auth[member_id]=x", form, 401),
+            ("data=1", form, 400),
+            ("{", {"content-type": "application/json"}, 400),
+            ("event=ONOFFLINEEVENT", {"content-type": "text/xml"}, 415),
+            ("a=" + "b" * 70_000, form, 413),
+        ]
+        for body, headers, status in attempts:
+            response = await client.post(bridge.events_url, content=body, headers=headers)
+            assert response.status_code == status, body[:60]
+            assert token not in response.text
+        # A forged install: a refresh token the OAuth server rejects registers nothing.
+        forged = (
+            f"event=ONAPPINSTALL&auth[member_id]=evil{'0' * 28}&auth[refresh_token]=forged"
+            f"&auth[application_token]=evil&auth[client_endpoint]=http://127.0.0.1:1/rest/"
+            f"&auth[domain]=evil.example"
+        )
+        response = await client.post(bridge.events_url, content=forged, headers=form)
+        assert response.status_code == 401
+        assert list(bridge.service.sessions) == [member]
+        portals = await bridge.service.state.portals(include_inactive=True)
+        assert [p.member_id for p in portals] == [member]
+        after = await portal.calls()
+    assert after == before  # not one REST call was caused by any of them
+
+
+async def test_event_nobody_subscribed_to_lands_in_the_unrouted_queue(
+    emulated, amqp_ns, tmp_path: Path
+) -> None:
+    _server, portal, port = emulated
+    env = await bridge_env(portal, amqp_ns, tmp_path / "state.sqlite3", BRIDGE_HTTP_PORT=str(port))
+    async with bridge_in_process(env):
+        await portal.add([{"event": "ONCRMCOMPANYADD", "data": {"FIELDS": {"ID": "42"}}}])
+        await portal.wait_empty(timeout=30)
+    unrouted = await amqp_ns.consume_queue(amqp_ns.unrouted_exchange)
+    (message,) = await unrouted.wait_for(1, timeout=10)
+    assert json.loads(message.body)["EVENT_NAME"] == "ONCRMCOMPANYADD"
+    assert message.headers["x-bitrix24-event"] == "ONCRMCOMPANYADD"
+
+
+async def test_sigterm_during_a_drain_exits_in_bound_and_restart_delivers_the_rest(
+    emulated, amqp_ns, tmp_path: Path
+) -> None:
+    import asyncio
+    import time
+
+    from tests.harness import BridgeProcess
+
+    _server, portal, port = emulated
+    collector = await amqp_ns.consume(amqp_ns.exchange("oncrmleadadd"))
+    env = await bridge_env(portal, amqp_ns, tmp_path / "state.sqlite3", BRIDGE_HTTP_PORT=str(port))
+    await portal.faults(latency_ms=5)  # a drain long enough to be interrupted
+    await portal.generate("ONCRMLEADADD", 4000)
+    bridge = BridgeProcess(env, tmp_path / "bridge.log")
+    try:
+        bridge.start()
+        await bridge.wait_live()
+        await collector.wait_for(200, timeout=60)
+        started = time.monotonic()
+        code = bridge.terminate()
+        took = time.monotonic() - started
+        assert code == 0, bridge.tail()
+        assert took < 25  # the shutdown bound (20 s) plus process teardown
+        assert not await portal.is_empty(), "the drain finished before SIGTERM: test proves nothing"
+        await portal.faults(latency_ms=0)
+        bridge.start()
+        await bridge.wait_live()
+        await portal.wait_empty(timeout=120)
+        await collector.settle(quiet=1.0)
+        bridge.terminate()
+    finally:
+        bridge.stop()
+    assert len(set(collector.message_ids)) == 4000
+    assert await _journal(tmp_path / "state.sqlite3") == []
+    del asyncio

@@ -17,10 +17,14 @@ class FakeSource:
         self.fail_next: list[Exception] = []
         self.covered_until = 1000.0
         self.full_checks: list[bool] = []
+        self.stop_requested = False
 
     @property
     def name(self) -> str:
         return "fake.example"
+
+    def request_stop(self) -> None:
+        self.stop_requested = True
 
     async def run_pass(self, *, full_check: bool) -> PassReport:
         self.passes += 1
@@ -142,6 +146,7 @@ async def test_stop_waits_for_the_pass_then_cancels_after_grace() -> None:
     drainer.start()
     await asyncio.sleep(0.01)
     await drainer.stop(0.05)
+    assert source.stop_requested
     assert not drainer.alive
 
 

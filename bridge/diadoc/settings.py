@@ -108,7 +108,8 @@ def load_diadoc_settings(env: dict[str, str] | None = None) -> DiadocSettings:
         values: dict[str, Any] = {
             k[len(PREFIX) :].lower(): v for k, v in env.items() if k.startswith(PREFIX)
         }
-        return DiadocSettings(_env_file=None, **values)  # type: ignore[call-arg]
+        # Only ``env`` counts here: no .env file, no process environment.
+        return DiadocSettings(**{"_env_file": None, **values})
     except ValidationError as exc:
         raise ConfigError(_describe_diadoc(exc)) from None
 

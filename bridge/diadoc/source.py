@@ -105,6 +105,11 @@ class DocflowFeed:
         self._clock = clock
         self._last_rescan = -math.inf  # a fresh process re-scans first: it may follow a crash
         self.rescans = 0
+        self.stopping = False
+
+    def request_stop(self) -> None:
+        """Finish the page in flight (publish, confirm, advance), then read nothing more."""
+        self.stopping = True
 
     @property
     def name(self) -> str:
@@ -115,7 +120,7 @@ class DocflowFeed:
     async def run_pass(self, *, full_check: bool) -> PassReport:
         report = PassReport()
         cursor = await self.cursor()
-        while True:
+        while not self.stopping:
             events = await self._read(self._from_ticks(cursor), cursor.after)
             if not events:
                 cursor = replace(cursor, checked_at=self._clock())
@@ -125,7 +130,7 @@ class DocflowFeed:
             page = await self._publish(events, report, late=False)
             cursor = await self._advance(cursor, page)
             report.cleared += len(events)
-        if self._rescan_due():
+        if self._rescan_due() and not self.stopping:
             await self._rescan(report)
         return report
 
@@ -238,18 +243,30 @@ class DocflowFeed:
         from_ticks = to_ticks(self._clock() - self.options.rescan_window)
         after: str | None = None
         late = 0
-        while True:
+        scanned = 0
+        while not self.stopping:
             events = await self._read(from_ticks, after)
             if not events:
                 break
+            scanned += len(events)
             before = report.published
             if await self._publish(events, report, late=True) is None:
                 raise NotConfirmed("re-scan: a page was not confirmed in full")
             late += report.published - before
             after = events[-1].index_key
+        if self.stopping:
+            return
         # Only a complete re-scan counts: a failed one runs again on the next pass.
         self._last_rescan = started
         self.rescans += 1
+        if scanned > self.options.seen_keep:
+            # The seen-set forgets ids the window still holds: each re-scan would publish them
+            # again.
+            log.warning(
+                "diadoc re-scan window holds more events than the seen-set keeps; "
+                "raise BRIDGE_DIADOC_SEEN_KEEP",
+                extra={"box": self.box_id, "events": scanned, "keep": self.options.seen_keep},
+            )
         if late:
             log.warning(
                 "diadoc late events published by the re-scan",

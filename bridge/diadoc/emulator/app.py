@@ -23,7 +23,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 
@@ -68,7 +68,11 @@ async def docflow_events(request: Request) -> Response:
     if model.latency_ms > 0:
         await asyncio.sleep(model.latency_ms / 1000)
     try:
-        body: Any = json.loads(await request.body() or b"null")
+        raw = await request.body()
+    except ClientDisconnect:
+        return Response(status_code=499)  # the client hung up (a killed bridge); nobody reads it
+    try:
+        body: Any = json.loads(raw or b"null")
     except ValueError:
         body = None
     answer = model.docflow_events(
@@ -78,7 +82,11 @@ async def docflow_events(request: Request) -> Response:
 
 
 async def token(request: Request) -> Response:
-    form = dict(parse_qsl((await request.body()).decode(errors="replace")))
+    try:
+        raw = await request.body()
+    except ClientDisconnect:
+        return Response(status_code=499)
+    form = dict(parse_qsl(raw.decode(errors="replace")))
     return _reply(_model(request).token(form))
 
 

@@ -1,0 +1,445 @@
+"""The Diadoc source end to end: emulator over HTTP, the real RabbitMQ, the state file.
+
+The invariant checked throughout: every event at or before the stored cursor reached the broker,
+and every event of the feed is published at least once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import httpx
+import pytest
+from prometheus_client import CollectorRegistry
+
+from bridge.diadoc.client import DiadocAuth, DiadocClient
+from bridge.diadoc.emulator import DiadocEmulator, DiadocEmulatorServer, FaultRule
+from bridge.diadoc.metrics import DiadocMetrics
+from bridge.diadoc.settings import load_diadoc_settings
+from bridge.diadoc.source import SOURCE, Cursor, DocflowFeed, FeedOptions
+from bridge.diadoc.wiring import PolledDrainer, diadoc_drainers, diadoc_status
+from bridge.metrics import Metrics
+from bridge.offline_queue import NotConfirmed
+from bridge.publisher import Publisher
+from bridge.state import State
+from tests.plugins.broker import AmqpNamespace, Collector
+from tests.plugins.tcpproxy import TcpProxy
+
+BOX = "box-a"
+
+
+@pytest.fixture
+def diadoc() -> Iterator[DiadocEmulatorServer]:
+    with DiadocEmulatorServer(DiadocEmulator((BOX, "box-b"))) as server:
+        yield server
+
+
+@dataclass
+class Rig:
+    """One bridge "process": its own state connection, publisher and HTTP client."""
+
+    state: State
+    publisher: Publisher
+    http: httpx.AsyncClient
+    feed: DocflowFeed
+
+    async def close(self) -> None:
+        await self.feed.client.auth.settle()
+        await self.publisher.close()
+        await self.http.aclose()
+        await self.state.close()
+
+    async def cursor(self) -> Cursor:
+        raw = await self.state.cursor(SOURCE, self.feed.box_id)
+        assert raw is not None
+        return Cursor.loads(raw)
+
+
+@pytest.fixture
+def bootstrap(diadoc: DiadocEmulatorServer) -> str:
+    return diadoc.model.issue_refresh_token()
+
+
+class MakeRig(Protocol):
+    async def __call__(
+        self, *, amqp_url: str | None = None, box: str = BOX, page_limit: int = 5, **options: float
+    ) -> Rig: ...
+
+
+@pytest.fixture
+def make_rig(
+    diadoc: DiadocEmulatorServer, amqp_ns: AmqpNamespace, tmp_path: Path, bootstrap: str
+) -> MakeRig:
+    async def make(
+        *, amqp_url: str | None = None, box: str = BOX, page_limit: int = 5, **options: float
+    ) -> Rig:
+        state = await State.open(str(tmp_path / "state.sqlite3"))
+        publisher = Publisher(
+            amqp_url or amqp_ns.url, unrouted_exchange=amqp_ns.unrouted_exchange, confirm_timeout=5
+        )
+        await publisher.start()
+        http = httpx.AsyncClient()
+        metrics = DiadocMetrics(CollectorRegistry())
+        auth = DiadocAuth(
+            http,
+            token_url=diadoc.token_url,
+            client_id=diadoc.model.client_id,
+            client_secret=diadoc.model.client_secret,
+            bootstrap_refresh_token=bootstrap,
+            state=state,
+            metrics=metrics,
+        )
+        client = DiadocClient(
+            http, auth, api_url=diadoc.api_url, metrics=metrics, backoff_base=0.01, backoff_cap=0.05
+        )
+        feed = DocflowFeed(
+            box,
+            client=client,
+            state=state,
+            publisher=publisher,
+            metrics=metrics,
+            options=FeedOptions(
+                exchange=exchange(amqp_ns),
+                page_limit=page_limit,
+                rescan_window=float(options.get("rescan_window", 3600)),
+                rescan_interval=float(options.get("rescan_interval", 300)),
+                seen_keep=int(options.get("seen_keep", 100_000)),
+            ),
+        )
+        return Rig(state, publisher, http, feed)
+
+    return make
+
+
+def exchange(ns: AmqpNamespace) -> str:
+    return f"{ns.prefix}.diadoc.events"
+
+
+async def consume(ns: AmqpNamespace, key: str = "#") -> Collector:
+    return await ns.consume(exchange(ns), key)
+
+
+def keys(diadoc: DiadocEmulatorServer, box: str = BOX) -> set[str]:
+    return {e.key for e in diadoc.model.events(box)}
+
+
+async def drain(rig: Rig, passes: int = 1) -> None:
+    for _ in range(passes):
+        await rig.feed.run_pass(full_check=False)
+
+
+async def assert_cursor_behind_delivered(
+    rig: Rig | Cursor, diadoc: DiadocEmulatorServer, delivered: set[str | None], box: str = BOX
+) -> None:
+    cursor = rig if isinstance(rig, Cursor) else await rig.cursor()
+    if cursor.after is None:
+        return
+    order = [e.index_key for e in diadoc.model.events(box)]
+    position = order.index(cursor.after)
+    behind = {e.key for e in diadoc.model.events(box)[: position + 1]}
+    assert behind <= delivered, "the cursor passed an event the broker never got"
+
+
+# -- the happy path ---------------------------------------------------------------------------
+
+
+async def test_publishes_every_event_with_headers_and_routing(
+    diadoc: DiadocEmulatorServer, amqp_ns: AmqpNamespace, make_rig: MakeRig
+) -> None:
+    rig: Rig = await make_rig()
+    try:
+        invoices = await consume(amqp_ns, f"{BOX}.Invoice")
+        everything = await consume(amqp_ns)
+        diadoc.model.add_events(BOX, count=6, documents=2)  # one EventId, two documents each
+        diadoc.model.add_events(BOX, count=2, document_type="Invoice")
+        report = await rig.feed.run_pass(full_check=True)
+        assert report.published == 14
+        messages = await everything.wait_for(14)
+        assert {m.message_id for m in messages} == keys(diadoc)
+        await invoices.wait_for(2)
+        first = messages[0]
+        event = diadoc.model.events(BOX)[0]
+        assert first.message_id == f"{event.event_id}:{event.entity_id}"
+        assert first.headers["x-diadoc-box-id"] == BOX
+        assert first.headers["x-diadoc-event-id"] == event.event_id
+        assert first.headers["x-diadoc-message-id"] == event.message_id
+        assert first.headers["x-diadoc-entity-id"] == event.entity_id
+        assert first.routing_key == f"{BOX}.UniversalTransferDocument"
+        assert json.loads(first.body)["IndexKey"] == event.index_key
+        assert (await rig.cursor()).after == diadoc.model.events(BOX)[-1].index_key
+        await drain(rig)  # nothing new: nothing published again
+        assert len(await everything.settle(quiet=0.3)) == 14
+    finally:
+        await rig.close()
+
+
+# -- late events and duplicates ---------------------------------------------------------------
+
+
+async def test_late_events_inside_the_window_are_published(
+    diadoc: DiadocEmulatorServer, amqp_ns: AmqpNamespace, make_rig: MakeRig
+) -> None:
+    rig: Rig = await make_rig(rescan_window=3600, rescan_interval=0.01)
+    try:
+        collector = await consume(amqp_ns)
+        diadoc.model.add_events(BOX, count=4)
+        await drain(rig)
+        await collector.wait_for(4)
+        cursor = await rig.cursor()
+        late = diadoc.model.add_events(BOX, age_s=1200)  # filed 20 minutes late, behind
+        too_late = diadoc.model.add_events(BOX, age_s=7200)  # outside the window
+        await asyncio.sleep(0.02)
+        report = await rig.feed.run_pass(full_check=False)
+        assert report.published == 1
+        messages = await collector.settle(quiet=0.3)
+        ids = [m.message_id for m in messages]
+        assert late[0].key in ids
+        assert too_late[0].key not in ids  # the documented limit of the window
+        assert (await rig.cursor()).after == cursor.after  # the re-scan never moves the cursor
+    finally:
+        await rig.close()
+
+
+async def test_a_restart_rescans_at_once(
+    diadoc: DiadocEmulatorServer, amqp_ns: AmqpNamespace, make_rig: MakeRig
+) -> None:
+    rig: Rig = await make_rig(rescan_interval=3600)
+    collector = await consume(amqp_ns)
+    diadoc.model.add_events(BOX, count=3)
+    await drain(rig)
+    late = diadoc.model.add_events(BOX, age_s=300)
+    await drain(rig)  # the next re-scan is an hour away in this process
+    await rig.close()
+    assert late[0].key not in {m.message_id for m in await collector.settle(quiet=0.3)}
+    rig = await make_rig(rescan_interval=3600)
+    try:
+        await drain(rig)
+        messages = await collector.settle(quiet=0.3)
+        assert late[0].key in {m.message_id for m in messages}
+        assert len(messages) == 4
+    finally:
+        await rig.close()
+
+
+async def test_duplicates_are_not_published_again(
+    diadoc: DiadocEmulatorServer, amqp_ns: AmqpNamespace, make_rig: MakeRig
+) -> None:
+    rig: Rig = await make_rig(rescan_interval=0.01)
+    try:
+        collector = await consume(amqp_ns)
+        added = diadoc.model.add_events(BOX, count=3)
+        await drain(rig)
+        diadoc.model.duplicate(BOX, added[0].key)  # again at the head of the feed
+        diadoc.model.duplicate(BOX)
+        await asyncio.sleep(0.02)
+        await drain(rig, passes=2)
+        messages = await collector.settle(quiet=0.3)
+        assert sorted(m.message_id or "" for m in messages) == sorted(e.key for e in added)
+        assert (await rig.cursor()).after == diadoc.model.events(BOX)[-1].index_key
+    finally:
+        await rig.close()
+
+
+async def test_seen_set_is_bounded(
+    diadoc: DiadocEmulatorServer, amqp_ns: AmqpNamespace, make_rig: MakeRig
+) -> None:
+    rig: Rig = await make_rig(page_limit=50, seen_keep=10, rescan_window=0)
+    try:
+        diadoc.model.add_events(BOX, count=25)
+        await drain(rig)
+        ids = [e.key for e in diadoc.model.events(BOX)]
+        remembered = await rig.state.seen_filter(SOURCE, BOX, ids)
+        assert remembered == set(ids[-10:])
+    finally:
+        await rig.close()
+
+
+# -- the cursor never passes an unconfirmed event ---------------------------------------------
+
+
+async def test_nacked_events_hold_the_cursor(
+    diadoc: DiadocEmulatorServer, amqp_ns: AmqpNamespace, make_rig: MakeRig
+) -> None:
+    rig: Rig = await make_rig(page_limit=5)
+    try:
+        collector = await consume(amqp_ns)
+        # A full queue that rejects publishes makes the broker nack the rest of the page.
+        full = await amqp_ns.declare_queue(
+            exchange(amqp_ns), "#", arguments={"x-max-length": 3, "x-overflow": "reject-publish"}
+        )
+        diadoc.model.add_events(BOX, count=12)
+        with pytest.raises(NotConfirmed):
+            await drain(rig)
+        assert (await rig.cursor()).after is None  # not even the first page was passed
+        await assert_cursor_behind_delivered(
+            rig, diadoc, {m.message_id for m in await collector.settle(quiet=0.3)}
+        )
+        channel = await amqp_ns.channel()
+        await channel.queue_delete(full)
+        await drain(rig)
+        messages = await collector.settle(quiet=0.3)
+        assert {m.message_id for m in messages} == keys(diadoc)
+        # The three confirmed before the nack were remembered and not published again; the
+        # two nacked ones (which the other queue did get) came again: at-least-once.
+        counts = Counter(m.message_id for m in messages)
+        first_page = [e.key for e in diadoc.model.events(BOX)[:5]]
+        assert [counts[k] for k in first_page] == [1, 1, 1, 2, 2]
+        assert sum(counts.values()) == 14
+        assert (await rig.cursor()).after == diadoc.model.events(BOX)[-1].index_key
+    finally:
+        await rig.close()
+
+
+async def test_a_cut_connection_holds_the_cursor(
+    diadoc: DiadocEmulatorServer, amqp_ns: AmqpNamespace, make_rig: MakeRig, amqp_proxy: TcpProxy
+) -> None:
+    rig: Rig = await make_rig(amqp_url=amqp_proxy.url(amqp_ns.url), page_limit=10)
+    try:
+        collector = await consume(amqp_ns)
+        diadoc.model.add_events(BOX, count=40)
+        await drain(rig)  # warm: exchanges declared, first events through
+        diadoc.model.add_events(BOX, count=40)
+        amqp_proxy.cut_after(3000)  # mid-page, mid-frame
+        with pytest.raises(NotConfirmed):
+            await drain(rig)
+        await assert_cursor_behind_delivered(
+            rig, diadoc, {m.message_id for m in await collector.settle(quiet=0.3)}
+        )
+        assert await rig.publisher.wait_connected(10)
+        await drain(rig)
+        messages = await collector.settle(quiet=0.3)
+        assert {m.message_id for m in messages} == keys(diadoc)
+    finally:
+        await rig.close()
+
+
+# -- a 401 between pages ----------------------------------------------------------------------
+
+
+async def test_a_401_mid_feed_neither_loses_nor_skips_a_page(
+    diadoc: DiadocEmulatorServer, amqp_ns: AmqpNamespace, make_rig: MakeRig
+) -> None:
+    rig: Rig = await make_rig(page_limit=5)
+    try:
+        collector = await consume(amqp_ns)
+        diadoc.model.add_events(BOX, count=23)
+        # The first token works for two pages; the third page meets an expired token.
+        diadoc.model.add_faults([FaultRule(expire_tokens=True, after=2)])
+        await drain(rig)
+        messages = await collector.settle(quiet=0.3)
+        assert [m.message_id for m in messages] == [e.key for e in diadoc.model.events(BOX)]
+        requests = diadoc.model.requests
+        failed = next(i for i, r in enumerate(requests) if r["status"] == 401)
+        assert requests[failed + 1]["after"] == requests[failed]["after"]  # the same page again
+        assert requests[failed + 1]["status"] == 200
+        assert rig.feed.client.auth.refreshes == 2
+    finally:
+        await rig.close()
+
+
+# -- kills at random moments ------------------------------------------------------------------
+
+
+async def test_every_event_survives_kills_at_random_moments(
+    diadoc: DiadocEmulatorServer, amqp_ns: AmqpNamespace, make_rig: MakeRig
+) -> None:
+    rng = random.Random()
+    seed = rng.randrange(2**32)
+    rng.seed(seed)
+    collector = await consume(amqp_ns)
+    diadoc.model.latency_ms = 2  # widen the windows a kill can land in
+    kills = 0
+    late: set[str | None] = set()  # filed behind the cursor on purpose: the re-scan's business
+    for _ in range(15):
+        rig: Rig = await make_rig(page_limit=7, rescan_interval=0.05)
+        drainer = PolledDrainer(
+            rig.feed, metrics=Metrics(), interval=0.02, backoff_base=0.02, backoff_cap=0.1
+        )
+        diadoc.model.add_events(BOX, count=rng.randrange(0, 25), documents=rng.choice((1, 1, 2)))
+        if rng.random() < 0.3:
+            late.update(e.key for e in diadoc.model.add_events(BOX, age_s=rng.uniform(1, 1800)))
+        if rng.random() < 0.2:
+            diadoc.model.add_faults([FaultRule(expire_tokens=True, after=rng.randrange(3))])
+        if rng.random() < 0.2:
+            diadoc.model.add_faults([FaultRule(status=503, after=rng.randrange(3))])
+        drainer.start()
+        await asyncio.sleep(rng.uniform(0, 0.25))
+        kills += drainer.in_pass
+        await drainer.stop(0)  # cancels wherever the pass is
+        assert drainer.stopped is None, f"seed {seed}: {drainer.stopped}"
+        cursor = await rig.cursor()
+        await rig.close()
+        # Confirmed means stored in the queue; wait until it reached the consumer too.
+        delivered = {m.message_id for m in await collector.settle(quiet=0.15)}
+        await assert_cursor_behind_delivered(cursor, diadoc, delivered | late)
+    rig = await make_rig(page_limit=7, rescan_interval=0.0)
+    try:
+        await drain(rig)
+        delivered = {m.message_id for m in await collector.settle(quiet=0.3)}
+        missing = keys(diadoc) - delivered
+        assert not missing, f"seed {seed}: {len(missing)} events never published"
+        assert kills > 0, f"seed {seed}: no kill landed inside a pass"
+    finally:
+        await rig.close()
+
+
+# -- wiring and status ------------------------------------------------------------------------
+
+
+async def test_wiring_builds_one_drainer_per_box_and_reports_status(
+    diadoc: DiadocEmulatorServer, amqp_ns: AmqpNamespace, tmp_path: Path
+) -> None:
+    env = {
+        **diadoc.env((BOX, "box-b")),
+        "BRIDGE_DIADOC_EXCHANGE": exchange(amqp_ns),
+        "BRIDGE_DIADOC_POLL_INTERVAL": "0.05",
+    }
+    settings = load_diadoc_settings(env)
+    state = await State.open(str(tmp_path / "wired.sqlite3"))
+    publisher = Publisher(amqp_ns.url, unrouted_exchange=amqp_ns.unrouted_exchange)
+    await publisher.start()
+    metrics = Metrics()
+    collector = await consume(amqp_ns)
+    diadoc.model.add_events(BOX, count=3)
+    try:
+        async with httpx.AsyncClient() as http:
+            drainers = diadoc_drainers(
+                settings, state=state, publisher=publisher, metrics=metrics, http=http
+            )
+            assert [d.source.name for d in drainers] == ["diadoc:box-a", "diadoc:box-b"]
+            for drainer in drainers:
+                drainer.start()
+            await collector.wait_for(3)
+            diadoc.model.add_events("box-b", count=2)  # found by the next poll tick
+            await collector.wait_for(5)
+            for drainer in drainers:
+                await drainer.stop(5)
+        status = await diadoc_status(settings, state)
+        assert [s["box_id"] for s in status] == [BOX, "box-b"]
+        assert status[0]["cursor"] == diadoc.model.events(BOX)[-1].index_key
+        assert status[1]["lag_s"] is not None
+        assert status[1]["lag_s"] < 5
+        exposition = metrics.registry.get_sample_value(
+            "bitrix24_bridge_diadoc_events_published_total", {"box": "box-b"}
+        )
+        assert exposition == 2
+        assert (
+            diadoc_drainers(
+                load_diadoc_settings({}),
+                state=state,
+                publisher=publisher,
+                metrics=metrics,
+                http=http,
+            )
+            == []
+        )
+    finally:
+        await publisher.close()
+        await state.close()
