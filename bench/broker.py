@@ -80,7 +80,7 @@ class Consumer:
 
     async def _deliver(self, message: DeliveredMessage) -> None:
         self.count += 1
-        self.last_at = time.perf_counter()
+        self.last_at = time.monotonic()
         if self.on_body is not None:
             self.on_body(message.body)
         self._changed.set()

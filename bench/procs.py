@@ -12,7 +12,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, IO
@@ -245,10 +245,17 @@ class Served:
             await asyncio.to_thread(self.proc.wait, 10)
 
 
-def bridge_process(env: Mapping[str, str], log_path: Path, *, port: int | None = None) -> Served:
+def bridge_process(
+    env: Mapping[str, str],
+    log_path: Path,
+    *,
+    port: int | None = None,
+    wrap: Sequence[str] = (),
+) -> Served:
+    """``python -m bridge serve``, optionally under ``wrap`` (a profiler's command line)."""
     port = port or free_port()
     full = {**env, "BRIDGE_HTTP_HOST": "127.0.0.1", "BRIDGE_HTTP_PORT": str(port)}
-    return Served([sys.executable, "-m", "bridge", "serve"], full, port, log_path)
+    return Served([*wrap, sys.executable, "-m", "bridge", "serve"], full, port, log_path)
 
 
 def bare_process(log_path: Path) -> Served:

@@ -198,7 +198,11 @@ def _listen(port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     # The emulator does the same: without it h11's split writes meet delayed ACKs (40 ms each).
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.bind(("127.0.0.1", port))
+    try:
+        sock.bind(("127.0.0.1", port))
+    except OSError as exc:
+        sock.close()
+        raise BridgeError(f"cannot listen on 127.0.0.1:{port}: {exc.strerror}") from None
     return sock
 
 
@@ -264,9 +268,11 @@ class Demo:
         try:
             await subscriber.start()
             return await self._with_emulator(state_dir)
-        except BridgeError as exc:
+        except (BridgeError, httpx.HTTPError, aiormq.exceptions.AMQPError) as exc:
+            # Anything the demo cannot go on without; one line, as every command reports it.
             self.screen.end_status()
-            print(f"bitrix24-bridge demo: {exc}")
+            kind = "" if isinstance(exc, BridgeError) else f"{type(exc).__name__}: "
+            print(f"bitrix24-bridge demo: {kind}{exc}")
             return 1
         finally:
             with contextlib.suppress(Exception):
@@ -487,6 +493,9 @@ def main(argv: Sequence[str]) -> int:
     args = _parser().parse_args(list(argv))
     if not args.rate > 0:
         print("bitrix24-bridge demo: --rate must be positive")
+        return 2
+    if not any(e.strip() for e in args.events.split(",")):
+        print("bitrix24-bridge demo: --events names no event")
         return 2
     # The bridge logs only what goes wrong, in text: the demo's own lines are the show.
     logs.configure("WARNING", "text")

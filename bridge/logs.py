@@ -55,6 +55,8 @@ def configure(level: str = "INFO", fmt: str = "json", stream: Any = None) -> Non
     root.handlers[:] = [handler]
     root.setLevel(level)
     # httpx logs every request URL at INFO; OAuth URLs carry the client secret and tokens.
-    for noisy in ("httpx", "httpcore", "aiormq", "aio_pika"):
+    for noisy in ("httpx", "httpcore", "aio_pika"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # aiormq logs a failed connect at ERROR before raising; the publisher reports it itself.
+    logging.getLogger("aiormq").setLevel(logging.CRITICAL)
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)

@@ -6,14 +6,17 @@ Nothing is cleared that the broker did not confirm: :meth:`OfflineQueue._clear` 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from bridge.errors import OutcomeUnknown, UpstreamError
+from bridge.errors import StateError, UpstreamError
 from bridge.messages import MalformedEvent, Routing, to_message
 from bridge.metrics import Metrics
+from bridge.pacing import MAX_COMMANDS, Pacer
 from bridge.publisher import OutgoingMessage, Publisher, PublishResult
 from bridge.state import State
 from bridge.upstream import PortalClient
@@ -23,6 +26,8 @@ log = logging.getLogger(__name__)
 GET = "event.offline.get"
 CLEAR = "event.offline.clear"
 LIST = "event.offline.list"
+LOOKAHEAD = 1  # reservation requests in flight ahead of publishing
+MAX_RESERVATIONS = 25  # per batch, leaving room for as many clears
 
 
 # Answers that prove the reservation never ran, so it cannot have left an orphan behind.
@@ -79,6 +84,35 @@ class ConfirmedPage:
         return params
 
 
+@dataclass(frozen=True, slots=True)
+class _Failed:
+    error: Exception
+
+
+def _split(
+    result: PublishResult, reservations: list[Reservation], messages: list[OutgoingMessage]
+) -> list[PublishResult]:
+    """One publisher result per page, so each page is confirmed (and cleared) on its own."""
+    owner: dict[int, int] = {}
+    failed_by_page: list[list[tuple[OutgoingMessage, str]]] = [[] for _ in reservations]
+    confirmed_by_page: list[list[OutgoingMessage]] = [[] for _ in reservations]
+    sizes = [len(r.rows) for r in reservations]
+    index = 0
+    for page, size in enumerate(sizes):
+        for _ in range(size):
+            owner[index] = page
+            index += 1
+    positions = {id(m): i for i, m in enumerate(messages)}
+    for message in result.confirmed:
+        confirmed_by_page[owner[positions[id(message)]]].append(message)
+    for message, reason in result.failed:
+        failed_by_page[owner[positions[id(message)]]].append((message, reason))
+    return [
+        PublishResult(confirmed=tuple(c), failed=tuple(f))
+        for c, f in zip(confirmed_by_page, failed_by_page, strict=True)
+    ]
+
+
 @dataclass(slots=True)
 class PassReport:
     published: int = 0
@@ -108,6 +142,7 @@ class OfflineQueue:
         self.connector = routing.connector
         self.orphans_suspected = True  # unknown until the first scan at startup
         self.stopping = False
+        self._pacer = Pacer()
 
     def request_stop(self) -> None:
         """Finish the page in flight (publish, confirm, clear), then reserve nothing more."""
@@ -133,58 +168,185 @@ class OfflineQueue:
         await self._recover_journal(report)
         if full_check or self.orphans_suspected:
             await self._recover_orphans(report)
-        pending: ConfirmedPage | None = None
-        while not self.stopping:
-            commands: dict[str, tuple[str, Mapping[str, Any]]] = {}
-            if pending is not None:
-                commands["clear"] = (CLEAR, pending.clear_params(self.connector))
-            commands["get"] = (GET, self._params(clear=0, limit=self._page_size))
+        # Reserving runs one request ahead of publishing; confirmed pages wait in `to_clear`
+        # and ride along with the next reservation request.
+        to_clear: list[ConfirmedPage] = []
+        pages: asyncio.Queue[list[Reservation] | _Failed | None] = asyncio.Queue(LOOKAHEAD)
+        reserver = asyncio.create_task(self._reserve_loop(pages, to_clear, report))
+        try:
+            while (item := await pages.get()) is not None:
+                if isinstance(item, _Failed):
+                    raise item.error
+                await self._publish_pages(item, to_clear, report)
+            await reserver
+        except Exception:
+            reserver.cancel()
+            await asyncio.gather(reserver, return_exceptions=True)
+            # What was confirmed is still worth clearing: it saves duplicates after recovery.
+            with contextlib.suppress(UpstreamError, StateError):
+                await self._flush(to_clear, report)
+            raise
+        except BaseException:
+            reserver.cancel()
+            raise
+        await self._flush(to_clear, report)
+        return report
+
+    async def _reserve_loop(
+        self,
+        pages: asyncio.Queue[list[Reservation] | _Failed | None],
+        to_clear: list[ConfirmedPage],
+        report: PassReport,
+    ) -> None:
+        try:
+            while not self.stopping:
+                reservations, exhausted, error = await self._reserve_batch(to_clear, report)
+                if reservations:
+                    await pages.put(reservations)
+                if error is not None:
+                    raise error
+                if exhausted:
+                    break
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            await pages.put(_Failed(exc))
+            return
+        await pages.put(None)
+
+    async def _reserve_batch(
+        self, to_clear: list[ConfirmedPage], report: PassReport
+    ) -> tuple[list[Reservation], bool, Exception | None]:
+        """One request: clear confirmed pages and reserve as many pages as the budget allows."""
+        clears = self._take_clears(to_clear)
+        gets = self._pacer.plan(GET, len(clears), MAX_RESERVATIONS)
+        while gets < 1:
+            await asyncio.sleep(self._pacer.budget(GET).wait_time() + 0.01)
+            gets = self._pacer.plan(GET, len(clears), MAX_RESERVATIONS)
+        commands: dict[str, tuple[str, Mapping[str, Any]]] = {}
+        for index, page in enumerate(clears):
+            commands[f"c{index}"] = (CLEAR, page.clear_params(self.connector))
+        get_params = self._params(clear=0, limit=self._page_size)
+        for index in range(gets):
+            commands[f"g{index}"] = (GET, get_params)
+        self._pacer.budget(GET).spend(gets)
+        self._pacer.budget(CLEAR).spend(len(clears))
+        try:
+            answer = await self.client.batch(commands, idempotent=False)
+        except BaseException:
+            # Cancelled or unanswered: reservations may exist that we never heard of.
+            self.orphans_suspected = True
+            to_clear[:0] = clears
+            raise
+        self._pacer.observe({k: m for k, (m, _p) in commands.items()}, answer.command_times)
+
+        reservations: list[Reservation] = []
+        error: Exception | None = None
+        exhausted = False
+        for index in range(gets):
+            key = f"g{index}"
+            failure = answer.errors.get(key)
+            if failure is not None:
+                if failure.code not in REFUSED_BEFORE_RUNNING:
+                    # A server fault may strike after the rows were stamped: look for them.
+                    self.orphans_suspected = True
+                error = error or failure
+                continue
             try:
-                answer = await self.client.batch(commands, idempotent=False)
-            except OutcomeUnknown:
-                self.orphans_suspected = True
-                raise
-            error = answer.errors.get("get")
-            if error is not None and error.code not in REFUSED_BEFORE_RUNNING:
-                # A server fault may strike after the rows were stamped: look for them.
-                self.orphans_suspected = True
-            reservation = (
-                None if error is not None else self._reservation(answer.results.get("get"))
-            )
-            if reservation is not None and reservation.rows:
-                # Journaled before anything else can fail, so a crash from here on finds it.
-                await self._state.journal_add(
-                    self.member_id, self.connector, [reservation.process_id]
-                )
-                self._metrics.inflight.labels(portal=self.name).inc()
-            if pending is not None:
-                if "clear" in answer.errors:
-                    await self._clear(pending, report)  # retried alone: clearing is idempotent
-                else:
-                    await self._cleared(pending, report)
-                pending = None
-            if error is not None:
-                raise error
-            assert reservation is not None
-            self._metrics.events_per_request.observe(len(reservation.rows))
-            if not reservation.rows:
-                start = answer.time.get("start")
-                if isinstance(start, int | float):
-                    report.covered_until = float(start)
-                break
-            page = await self._publish(reservation, report, read_all=True)
-            if page.whole:
-                pending = page  # rides with the next reservation
+                reservation = self._reservation(answer.results.get(key))
+            except MalformedAnswer as exc:
+                error = error or exc
+                continue
+            if reservation.rows:
+                reservations.append(reservation)
             else:
+                exhausted = True
+        if reservations:
+            # Journaled before anything else can fail, so a crash from here on finds them.
+            await self._state.journal_add(
+                self.member_id, self.connector, [r.process_id for r in reservations]
+            )
+            self._metrics.inflight.labels(portal=self.name).inc(len(reservations))
+        self._metrics.events_per_request.observe(sum(len(r.rows) for r in reservations))
+        for index, page in enumerate(clears):
+            if f"c{index}" in answer.errors:
+                await self._clear(page, report)  # retried alone: clearing is idempotent
+            else:
+                await self._cleared(page, report)
+        if exhausted and error is None:
+            start = answer.time.get("start")
+            if isinstance(start, int | float):
+                report.covered_until = float(start)
+        return reservations, exhausted, error
+
+    def _take_clears(self, to_clear: list[ConfirmedPage]) -> list[ConfirmedPage]:
+        room = self._pacer.plan(CLEAR, 1, len(to_clear))
+        if room < 1 and to_clear:
+            room = 1  # never starve clears: they are what frees the portal's queue
+        taken = to_clear[:room]
+        del to_clear[:room]
+        return taken
+
+    async def _flush(self, to_clear: list[ConfirmedPage], report: PassReport) -> None:
+        while to_clear:
+            chunk = to_clear[:MAX_COMMANDS]
+            commands = {
+                f"c{i}": (CLEAR, page.clear_params(self.connector)) for i, page in enumerate(chunk)
+            }
+            answer = await self.client.batch(commands, idempotent=True)
+            for index, page in enumerate(chunk):
+                if f"c{index}" in answer.errors:
+                    await self._clear(page, report)
+                else:
+                    await self._cleared(page, report)
+            del to_clear[: len(chunk)]
+
+    async def _publish_pages(
+        self, reservations: list[Reservation], to_clear: list[ConfirmedPage], report: PassReport
+    ) -> None:
+        """Publish several reserved pages in one pipelined run, in order."""
+        messages: list[OutgoingMessage] = []
+        for reservation in reservations:
+            try:
+                messages.extend(to_message(row, self.routing) for row in reservation.rows)
+            except MalformedEvent as exc:
+                log.error(
+                    "page left reserved: malformed event",
+                    extra={
+                        "portal": self.name,
+                        "process_id": reservation.process_id,
+                        "reason": str(exc),
+                    },
+                )
+                raise
+        result = await self._publisher.publish(messages)
+        for message in result.confirmed:
+            self._metrics.events_published.labels(event=message.type).inc()
+        report.published += len(result.confirmed)
+        partial: list[ConfirmedPage] = []
+        for reservation, part in zip(
+            reservations, _split(result, reservations, messages), strict=True
+        ):
+            page = ConfirmedPage.of(reservation, part, read_all=True)
+            if page.whole:
+                to_clear.append(page)
+            else:
+                partial.append(page)
+        log.info(
+            "pages published",
+            extra={
+                "portal": self.name,
+                "pages": len(reservations),
+                "events": len(messages),
+                "confirmed": len(result.confirmed),
+                "failed": len(result.failed),
+            },
+        )
+        if partial:
+            for page in partial:
                 if page.message_ids:
                     await self._clear(page, report)
-                raise NotConfirmed(
-                    f"{len(reservation.rows) - len(page.message_ids)} of {len(reservation.rows)} "
-                    f"events not confirmed"
-                )
-        if pending is not None:
-            await self._clear(pending, report)
-        return report
+            raise NotConfirmed(f"{len(result.failed)} of {len(messages)} events not confirmed")
 
     # -- steps -------------------------------------------------------------------------
 

@@ -79,6 +79,7 @@ class BatchAnswer:
     results: Mapping[str, Any]
     errors: Mapping[str, UpstreamError]
     time: Mapping[str, Any]
+    command_times: Mapping[str, Any] = field(default_factory=dict)
 
 
 def error_for(
@@ -185,7 +186,9 @@ class PortalClient:
             else:
                 # Neither a result nor an error: the answer is truncated, the outcome unknown.
                 errors[key] = OutcomeUnknown("ERROR_UNEXPECTED_ANSWER", "no result", method=method)
-        return BatchAnswer(results=results, errors=errors, time=_dict(body.get("time")))
+        return BatchAnswer(
+            results=results, errors=errors, time=_dict(body.get("time")), command_times=times
+        )
 
     # -- transport -----------------------------------------------------------------------
 

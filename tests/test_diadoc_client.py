@@ -172,3 +172,23 @@ async def test_without_any_refresh_token_says_which_variable(
     client = make_client(diadoc, state, http, None)
     with pytest.raises(TokenError, match="BRIDGE_DIADOC_REFRESH_TOKEN"):
         await client.docflow_events("box-a", REQUEST)
+
+
+async def test_stored_refresh_token_is_encrypted_with_the_state_key(
+    diadoc: DiadocEmulatorServer, tmp_path: Path, http: httpx.AsyncClient
+) -> None:
+    from cryptography.fernet import Fernet
+
+    path = str(tmp_path / "sealed.sqlite3")
+    state = await State.open(path, [Fernet.generate_key()])
+    try:
+        client = make_client(diadoc, state, http, diadoc.model.issue_refresh_token())
+        await client.docflow_events("box-a", REQUEST)
+        raw = await state.cursor(AUTH_SOURCE, REFRESH_KEY)
+        plain = await state.source_secret(AUTH_SOURCE, REFRESH_KEY)
+    finally:
+        await state.close()
+    assert raw is not None
+    assert plain is not None
+    assert raw.startswith("fernet:")
+    assert plain not in raw
