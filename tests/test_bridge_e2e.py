@@ -136,9 +136,8 @@ async def test_sigkill_at_random_moments_loses_nothing(emulated, amqp_ns, tmp_pa
         bridge.stop()
     ids = collector.message_ids
     unique = set(ids)
-    print(
-        f"kills={kills} delivered={len(ids)} unique={len(unique)} duplicates={len(ids) - len(unique)}"
-    )
+    duplicates = len(ids) - len(unique)
+    print(f"kills={kills} delivered={len(ids)} unique={len(unique)} duplicates={duplicates}")
     assert len(unique) == total
     assert await _journal(state_path) == []
     assert await portal.is_empty()
@@ -177,7 +176,7 @@ async def test_broker_connection_cut_mid_page_loses_nothing(
         )
     ids = set(collector.message_ids)
     assert len(ids) == total
-    assert failures and failures > 0, "the cut must have hit a publish"
+    assert failures, "the cut must have hit a publish"
 
 
 async def test_broker_nack_keeps_events_reserved_until_accepted(

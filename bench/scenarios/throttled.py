@@ -213,7 +213,7 @@ async def run(ctx: Context, result: Result) -> None:
     )
     budget_rate = PORTAL["operating_budget"] / WINDOW_SECONDS
     if op_rate > budget_rate:
-        left = PORTAL["operating_budget"] / (op_rate - budget_rate)
+        left = PORTAL["operating_budget"] / op_rate  # from a fresh window
         result.notes.append(
             f"event.offline.get spends {op_rate:.2f} operating s/s (> {budget_rate:.1f}): "
             f"the budget would run out after ~{math.floor(left)} s"

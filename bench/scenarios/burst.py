@@ -1,0 +1,156 @@
+"""Notification burst: authenticated ``ONOFFLINEEVENT`` from 20 concurrent clients.
+
+The bridge runs against a portal with a real portal's request limit and an empty queue, its
+startup pass done. 20 ``httpx.AsyncClient`` s (one keep-alive connection each) send 2,000
+notifications between them, form-encoded as the emulator sends them, each with ``ts`` = now.
+Measured: notifications/s, p50/p99 response time, and the drain passes they started
+(``bitrix24_bridge_drain_passes_total`` before and after, once it stops moving). Then the same
+load against ``bench.bare_app`` (a Starlette app that only answers 200, same uvicorn options).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import httpx
+
+from bench.context import Context
+from bench.procs import (
+    Emulator,
+    Served,
+    bare_process,
+    bridge_env,
+    bridge_metric,
+    bridge_process,
+    settle_metric,
+    wait_first_pass,
+)
+from bench.report import Result, percentile
+from bridge import phpquery
+
+TITLE = "notification burst (20 clients)"
+CLIENTS = 20
+PASSES = "bitrix24_bridge_drain_passes_total"
+FORM = "application/x-www-form-urlencoded"
+
+
+@dataclass
+class Load:
+    seconds: float = 0.0
+    latencies: list[float] = field(default_factory=list)
+    statuses: Counter[int] = field(default_factory=Counter)
+
+    @property
+    def per_s(self) -> float:
+        return len(self.latencies) / self.seconds if self.seconds > 0 else 0.0
+
+    def ms(self, q: float) -> float | None:
+        value = percentile(self.latencies, q)
+        return None if value is None else value * 1000
+
+
+def notification(app: dict[str, str]) -> str:
+    """An ``ONOFFLINEEVENT`` body as the emulator builds one, stamped now."""
+    form = {
+        "event": "ONOFFLINEEVENT",
+        "data": "",
+        "ts": int(time.time()),
+        "auth": {
+            "domain": app["domain"],
+            "client_endpoint": app["client_endpoint"],
+            "server_endpoint": "https://oauth.bitrix.info/rest/",
+            "member_id": app["member_id"],
+            "application_token": app["application_token"],
+            "status": "L",
+        },
+    }
+    return phpquery.encode(form)
+
+
+async def send_load(url: str, app: dict[str, str], total: int, clients: int = CLIENTS) -> Load:
+    load = Load()
+    left = iter(range(total))
+
+    async def client() -> None:
+        async with httpx.AsyncClient(timeout=30) as http:
+            for _ in left:
+                body = notification(app).encode()
+                began = time.perf_counter()
+                try:
+                    response = await http.post(url, content=body, headers={"Content-Type": FORM})
+                except httpx.HTTPError:
+                    load.statuses[0] += 1
+                    continue
+                load.latencies.append(time.perf_counter() - began)
+                load.statuses[response.status_code] += 1
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(clients)))
+    load.seconds = time.perf_counter() - started
+    return load
+
+
+async def _warm(server: Served, app: dict[str, str]) -> None:
+    # One request first, so neither side pays for imports or first-connection set-up.
+    await send_load(server.url + "/bitrix24/events", app, 1, clients=1)
+
+
+async def run(ctx: Context, result: Result) -> None:
+    total = ctx.size(2_000, 500)
+    emulator = Emulator(ctx.path("burst-emulator.log"), auto_bind=True)
+    await emulator.start()
+    ns = ctx.broker.namespace("burst")
+    bridge = bare = None
+    try:
+        app = await emulator.app()
+        env = await bridge_env(emulator, ns, ctx.path("burst-state.sqlite3"))
+        bridge = bridge_process(env, ctx.path("burst-bridge.log"))
+        bridge.start()
+        await bridge.wait_live("/livez")
+        await wait_first_pass(bridge)
+        await _warm(bridge, app)
+        before = await settle_metric(bridge, PASSES, quiet=1.0)
+        load = await send_load(bridge.url + "/bitrix24/events", app, total)
+        after = await settle_metric(bridge, PASSES, quiet=2.0)
+        result.metrics["bridge_seconds_for_passes"] = round(
+            await bridge_metric(bridge, "bitrix24_bridge_drain_pass_duration_seconds_sum"), 3
+        )
+        await bridge.stop()
+        bridge = None
+
+        bare = bare_process(ctx.path("burst-bare.log"))
+        bare.start()
+        await bare.wait_live("/livez")
+        await _warm(bare, app)
+        baseline = await send_load(bare.url + "/bitrix24/events", app, total)
+    finally:
+        for server in (bridge, bare):
+            if server is not None:
+                await server.stop()
+        await emulator.stop()
+        await ns.delete()
+
+    ratio = load.per_s / baseline.per_s if baseline.per_s else None
+    p99 = load.ms(99)
+    passes = after - before
+    result.metrics.update(
+        {
+            "notifications": total,
+            "bridge_per_s": round(load.per_s, 1),
+            "bridge_p50_ms": round(load.ms(50) or 0.0, 2),
+            "bridge_p99_ms": round(p99 or 0.0, 2),
+            "bridge_statuses": dict(load.statuses),
+            "bridge_non_200": sum(n for code, n in load.statuses.items() if code != 200),
+            "drain_passes_started": int(passes),
+            "bare_per_s": round(baseline.per_s, 1),
+            "bare_p50_ms": round(baseline.ms(50) or 0.0, 2),
+            "bare_p99_ms": round(baseline.ms(99) or 0.0, 2),
+            "ratio_bridge_to_bare": None if ratio is None else round(ratio, 3),
+        }
+    )
+    result.check("bridge / bare notifications/s", ratio, ">=", 0.7)
+    result.check("p99 response time", p99, "<=", 25, "ms")
+    result.check("drain passes started", passes, "<=", 2)
