@@ -85,9 +85,9 @@ class Consumer:
             self.on_body(message.body)
         self._changed.set()
 
-    async def wait_for(self, count: int, timeout: float) -> bool:  # noqa: ASYNC109
-        """True once ``count`` messages arrived, False if ``timeout`` passed first."""
-        deadline = time.monotonic() + timeout
+    async def wait_for(self, count: int, within: float) -> bool:
+        """True once ``count`` messages arrived, False if ``within`` seconds passed first."""
+        deadline = time.monotonic() + within
         while self.count < count:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -126,9 +126,7 @@ class Namespace:
 
     async def declare_exchange(self, name: str) -> None:
         channel = await self.channel()
-        await channel.exchange_declare(
-            self.unrouted_exchange, exchange_type="fanout", durable=True
-        )
+        await channel.exchange_declare(self.unrouted_exchange, exchange_type="fanout", durable=True)
         await channel.exchange_declare(
             name,
             exchange_type="topic",
@@ -153,6 +151,8 @@ class Namespace:
 
     async def delete(self) -> None:
         try:
+            if self._channel is not None and not self._channel.is_closed:
+                await self._channel.close()  # cancels our consumers before their queues go
             channel = await self.channel()
             # The bridge declares the unrouted queue under the exchange's name.
             for queue in [*self._queues, self.unrouted_exchange]:

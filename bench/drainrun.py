@@ -46,7 +46,7 @@ class DrainRun:
 
 
 async def drain_backlog(
-    ctx: Context, count: int, *, label: str, timeout: float, wrap: Sequence[str] = ()
+    ctx: Context, count: int, *, label: str, within: float, wrap: Sequence[str] = ()
 ) -> DrainRun:
     run = DrainRun(count)
     port = free_port()
@@ -73,7 +73,7 @@ async def drain_backlog(
         async with sampling(bridge.pid) as rss:
             await emulator.generate(EVENT, count)
             started = time.monotonic()
-            deadline = started + timeout
+            deadline = started + within
             if not await consumer.wait_for(1, NUDGE_AFTER):
                 run.notes.append("no message after the notification; sent another")
                 await emulator.http.post("/_emulator/notify", json={})
@@ -90,7 +90,7 @@ async def drain_backlog(
         run.peak_rss_mb = rss.peak_mb
         run.rest_requests = await emulator.requests() - requests_before
         if not run.complete:
-            run.notes.append(f"timed out after {timeout:.0f}s: {consumer.count} of {count}")
+            run.notes.append(f"timed out after {within:.0f}s: {consumer.count} of {count}")
         return run
     finally:
         if bridge is not None:

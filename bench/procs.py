@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, IO
+from typing import IO, Any
 
 import httpx
 
@@ -55,16 +55,18 @@ class Emulator:
         self.base_url = ""
         self.http = httpx.AsyncClient(timeout=120)
 
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        with self.log_path.open("ab") as log:
+            return subprocess.Popen(
+                [sys.executable, "-m", "bench.emulator_server", json.dumps(self.config)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                env=_child_env({}),
+            )
+
     async def start(self) -> Emulator:
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bench.emulator_server", json.dumps(self.config)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=log,
-            env=_child_env({}),
-        )
-        log.close()
+        self.proc = self._spawn()
         assert self.proc.stdout is not None
         line = await asyncio.wait_for(asyncio.to_thread(self.proc.stdout.readline), START_TIMEOUT)
         if not line:
@@ -223,15 +225,15 @@ class Served:
         if self.proc.poll() is not None:
             raise RuntimeError(f"exited with {self.proc.returncode}: {tail(self.log_path)}")
 
-    async def wait_live(self, path: str, timeout: float = START_TIMEOUT) -> None:
-        deadline = time.monotonic() + timeout
+    async def wait_live(self, path: str, within: float = START_TIMEOUT) -> None:
+        deadline = time.monotonic() + within
         while time.monotonic() < deadline:
             self.check()
             with contextlib.suppress(httpx.HTTPError):
                 if (await self.http.get(self.url + path, timeout=1)).status_code == 200:
                     return
             await asyncio.sleep(0.05)
-        raise TimeoutError(f"{self.argv[-1]} not live after {timeout}s: {tail(self.log_path)}")
+        raise TimeoutError(f"{self.argv[-1]} not live after {within}s: {tail(self.log_path)}")
 
     async def stop(self, grace: float = 25.0) -> None:
         await self.http.aclose()
@@ -277,9 +279,9 @@ async def bridge_metric(bridge: Served, name: str) -> float:
     return metric_total(response.text, name)
 
 
-async def wait_first_pass(bridge: Served, timeout: float = START_TIMEOUT) -> float:
+async def wait_first_pass(bridge: Served, within: float = START_TIMEOUT) -> float:
     """Wait until the startup drain pass has finished; the count of passes so far."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within
     while time.monotonic() < deadline:
         bridge.check()
         with contextlib.suppress(httpx.HTTPError):
@@ -287,14 +289,14 @@ async def wait_first_pass(bridge: Served, timeout: float = START_TIMEOUT) -> flo
             if passes >= 1:
                 return passes
         await asyncio.sleep(0.05)
-    raise TimeoutError(f"no drain pass finished within {timeout}s: {tail(bridge.log_path)}")
+    raise TimeoutError(f"no drain pass finished within {within}s: {tail(bridge.log_path)}")
 
 
 async def settle_metric(
-    bridge: Served, name: str, *, quiet: float = 1.5, timeout: float = 20.0
+    bridge: Served, name: str, *, quiet: float = 1.5, within: float = 20.0
 ) -> float:
     """The metric's value once it stopped changing for ``quiet`` seconds (bounded)."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within
     value = await bridge_metric(bridge, name)
     changed = time.monotonic()
     while time.monotonic() < deadline and time.monotonic() - changed < quiet:

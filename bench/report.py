@@ -95,13 +95,15 @@ def table(results: Sequence[Result]) -> str:
         for note in result.notes:
             rows.append(("", f"note: {note}", "", "", ""))
     headers = ("scenario", "metric", "value", "target", "result")
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in
-              enumerate(headers)]
+    widths = [
+        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
+    ]
     widths[1] = min(widths[1], 60)
 
     def line(cells: Sequence[str]) -> str:
-        return "  ".join(c.ljust(w) if i < 4 else c for i, (c, w) in
-                         enumerate(zip(cells, widths, strict=True))).rstrip()
+        return "  ".join(
+            c.ljust(w) if i < 4 else c for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ).rstrip()
 
     out = [line(headers), line(["-" * w for w in widths])]
     out.extend(line(row) for row in rows)

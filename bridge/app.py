@@ -13,6 +13,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from bridge import webhook
+from bridge.diadoc.settings import DiadocSettings
 from bridge.metrics import Metrics
 from bridge.service import Service
 from bridge.settings import Settings
@@ -24,8 +25,9 @@ def create_app(
     transport: httpx.AsyncBaseTransport | None = None,
     metrics: Metrics | None = None,
     service: Service | None = None,
+    diadoc: DiadocSettings | None = None,
 ) -> Starlette:
-    svc = service or Service(settings, transport=transport, metrics=metrics)
+    svc = service or Service(settings, transport=transport, metrics=metrics, diadoc=diadoc)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from bridge import __version__, logs
+from bridge.diadoc.settings import load_diadoc_settings
 from bridge.errors import BridgeError
 from bridge.settings import Settings, load_settings
 
@@ -92,7 +93,7 @@ async def _serve(settings: Settings) -> int:
     from bridge.server import Server
     from bridge.service import SHUTDOWN_BOUND, Service
 
-    service = Service(settings)
+    service = Service(settings, diadoc=load_diadoc_settings())
     try:
         await service.open()
     except BaseException:
@@ -118,25 +119,26 @@ async def _serve(settings: Settings) -> int:
 async def _drain(settings: Settings) -> int:
     from bridge.service import Service
 
-    service = Service(settings)
+    service = Service(settings, diadoc=load_diadoc_settings())
     try:
         await service.open()
-        if not service.sessions:
-            log.warning("no portal known: nothing to drain")
+        drainers = [s.drainer for s in service.sessions.values()] + service.feeds
+        if not drainers:
+            log.warning("no portal or feed known: nothing to drain")
             return 0
-        results = [await s.drainer.run_once(full_check=True) for s in service.sessions.values()]
+        results = [await d.run_once(full_check=True) for d in drainers]
     finally:
         await service.close()
     left = sum(1 for ok in results if not ok)
     if left:
-        log.error("drain left events behind", extra={"portals_failed": left})
+        log.error("drain left events behind", extra={"sources_failed": left})
     return 0 if not left else 1
 
 
 async def _status(settings: Settings, *, as_json: bool, offline: bool) -> int:
     from bridge.tools import portal_status
 
-    report = await portal_status(settings, ask_upstream=not offline)
+    report = await portal_status(settings, ask_upstream=not offline, diadoc=load_diadoc_settings())
     if as_json:
         print(json.dumps(report, indent=2))
         return 0
@@ -155,6 +157,9 @@ async def _status(settings: Settings, *, as_json: bool, offline: bool) -> int:
             f"  upstream queue depth: {depth if depth is not None else 'unknown'}"
             + (f" ({p['upstream_error']})" if p.get("upstream_error") else "")
         )
+    for box in report["diadoc_boxes"]:
+        lag = box.get("lag_s")
+        print(f"diadoc box {box['box_id']}  cursor={box.get('cursor') or 'none'}  lag={lag} s")
     return 0
 
 

@@ -12,20 +12,21 @@ import hmac
 import logging
 import time
 from dataclasses import dataclass, replace
-from urllib.parse import urlsplit
 
 import httpx
 
 from bridge.binding import bind_portal
+from bridge.bootstrap import bootstrap, store_grant
+from bridge.diadoc.settings import DiadocSettings
 from bridge.drain import Drainer
-from bridge.errors import BridgeError, ConfigError, TokenError, UpstreamError
+from bridge.errors import BridgeError, TokenError
 from bridge.messages import Routing
 from bridge.metrics import Metrics
-from bridge.oauth import Grant, OAuthClient
+from bridge.oauth import OAuthClient
 from bridge.offline_queue import OfflineQueue
 from bridge.publisher import Publisher
 from bridge.settings import Settings
-from bridge.state import ACTIVE, Portal, State
+from bridge.state import Portal, State
 from bridge.upstream import PortalClient
 
 log = logging.getLogger(__name__)
@@ -53,8 +54,10 @@ class Service:
         *,
         transport: httpx.AsyncBaseTransport | None = None,
         metrics: Metrics | None = None,
+        diadoc: DiadocSettings | None = None,
     ) -> None:
         self.settings = settings
+        self.diadoc = diadoc
         self.client_id, client_secret = settings.require_credentials()
         self.metrics = metrics or Metrics()
         self.http = httpx.AsyncClient(
@@ -79,6 +82,7 @@ class Service:
         )
         self.state: State | None = None
         self.sessions: dict[str, PortalSession] = {}
+        self.feeds: list[Drainer] = []  # polled sources (Diadoc boxes)
         self.closing = False
         self.opened = False
         self._tasks: set[asyncio.Task[None]] = set()
@@ -92,14 +96,26 @@ class Service:
         self.state = await State.open(self.settings.state_path, self.settings.state_keys)
         await self.publisher.start()
         self.metrics.broker_connected.set(1 if self.publisher.connected else 0)
-        await self._bootstrap()
+        await bootstrap(self.settings, self.state, self.oauth)
         for portal in await self.state.portals():
             self._session(portal)
+        if self.diadoc is not None and self.diadoc.enabled:
+            from bridge.diadoc.wiring import diadoc_drainers
+
+            self.feeds = diadoc_drainers(
+                self.diadoc,
+                state=self.state,
+                publisher=self.publisher,
+                metrics=self.metrics,
+                http=self.http,
+            )
         self.opened = True
 
     async def start_draining(self) -> None:
         for session in self.sessions.values():
             session.drainer.start()
+        for feed in self.feeds:
+            feed.start()
         if self.settings.poll_interval > 0:
             self._poller = asyncio.create_task(self._poll(), name="poll")
 
@@ -108,9 +124,8 @@ class Service:
         if self._poller is not None:
             self._poller.cancel()
         deadline = time.monotonic() + grace
-        await asyncio.gather(
-            *(s.drainer.stop(max(0.1, deadline - time.monotonic())) for s in self.sessions.values())
-        )
+        drainers = [s.drainer for s in self.sessions.values()] + self.feeds
+        await asyncio.gather(*(d.stop(max(0.1, deadline - time.monotonic())) for d in drainers))
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -161,44 +176,6 @@ class Service:
         self.metrics.portal_stopped.labels(portal=portal.domain).set(0)
         return session
 
-    async def _bootstrap(self) -> None:
-        s = self.settings
-        if not (s.portal_url and s.refresh_token and s.application_token):
-            return
-        assert self.state is not None
-        host = urlsplit(s.portal_url).netloc
-        for portal in await self.state.portals(include_inactive=True):
-            if portal.domain == host:
-                return  # stored state wins: the bootstrap refresh token is dead after first use
-        try:
-            grant = await self.oauth.refresh(s.refresh_token.get_secret_value())
-        except TokenError as exc:
-            raise ConfigError(
-                f"BRIDGE_REFRESH_TOKEN was refused by the OAuth server ({exc.code})"
-            ) from None
-        except UpstreamError as exc:
-            raise ConfigError(f"cannot bootstrap from BRIDGE_PORTAL_URL: {exc}") from None
-        await self._store(grant, s.application_token.get_secret_value())
-        log.info(
-            "portal bootstrapped", extra={"portal": grant.domain, "member_id": grant.member_id}
-        )
-
-    async def _store(self, grant: Grant, application_token: str) -> Portal:
-        assert self.state is not None
-        portal = Portal(
-            member_id=grant.member_id,
-            domain=grant.domain,
-            client_endpoint=grant.client_endpoint,
-            server_endpoint=grant.server_endpoint,
-            access_token=grant.access_token,
-            refresh_token=grant.refresh_token,
-            application_token=application_token,
-            expires_at=grant.expires_at,
-            status=ACTIVE,
-        )
-        await self.state.save_portal(portal)
-        return portal
-
     def authenticate(self, member_id: str, application_token: str) -> PortalSession | None:
         """Constant-time check of a notification's credentials against the stored portal."""
         session = self.sessions.get(member_id)
@@ -224,7 +201,8 @@ class Service:
         old = self.sessions.pop(grant.member_id, None)
         if old is not None:
             await old.drainer.stop(SHUTDOWN_BOUND)
-        portal = await self._store(grant, application_token)
+        assert self.state is not None
+        portal = await store_grant(self.state, grant, application_token)
         session = self._session(portal)
         if self.settings.events or self.settings.public_url:
             self._spawn(self._bind(session), f"bind {portal.domain}")
@@ -273,12 +251,11 @@ class Service:
 
     def liveness(self) -> str | None:
         now = time.monotonic()
-        for session in self.sessions.values():
-            d = session.drainer
+        for d in [s.drainer for s in self.sessions.values()] + self.feeds:
             if not d.alive and not self.closing:
-                return f"drain loop of {session.portal.domain} is not running"
+                return f"drain loop of {d.source.name} is not running"
             if d.in_pass and now - d.beat > STUCK_AFTER:
-                return f"drain loop of {session.portal.domain} is stuck"
+                return f"drain loop of {d.source.name} is stuck"
         return None
 
     def readiness(self) -> str | None:
@@ -296,6 +273,8 @@ class Service:
             for s in self.sessions.values()
             if s.drainer.stopped is None and s.portal.refresh_token
         ]
+        if not usable and any(f.stopped is None for f in self.feeds):
+            return None  # a deployment of polled sources only
         if not usable:
             stopped = [f"{s.portal.domain}: {s.drainer.stopped}" for s in self.sessions.values()]
             if stopped:

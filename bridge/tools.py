@@ -9,6 +9,9 @@ from typing import Any
 import httpx
 
 from bridge.binding import bind_portal
+from bridge.bootstrap import bootstrap
+from bridge.diadoc.settings import DiadocSettings
+from bridge.diadoc.wiring import diadoc_status
 from bridge.errors import BridgeError, ConfigError
 from bridge.metrics import Metrics
 from bridge.oauth import OAuthClient
@@ -23,12 +26,12 @@ async def _clients(settings: Settings) -> AsyncIterator[tuple[State, list[Portal
     http = httpx.AsyncClient(timeout=httpx.Timeout(30.0, connect=10.0), follow_redirects=False)
     try:
         clients: list[PortalClient] = []
-        portals = await state.portals()
-        if portals:
+        if settings.portal_url or await state.portals():
             client_id, secret = settings.require_credentials()
             oauth = OAuthClient(
                 http, oauth_url=settings.oauth_url, client_id=client_id, client_secret=secret
             )
+            await bootstrap(settings, state, oauth)
             metrics = Metrics()
             clients = [
                 PortalClient(
@@ -40,7 +43,7 @@ async def _clients(settings: Settings) -> AsyncIterator[tuple[State, list[Portal
                     rate_limit=settings.rate_limit,
                     rate_burst=settings.rate_burst,
                 )
-                for p in portals
+                for p in await state.portals()
             ]
         yield state, clients
     finally:
@@ -48,11 +51,14 @@ async def _clients(settings: Settings) -> AsyncIterator[tuple[State, list[Portal
         await state.close()
 
 
-async def portal_status(settings: Settings, *, ask_upstream: bool) -> dict[str, Any]:
+async def portal_status(
+    settings: Settings, *, ask_upstream: bool, diadoc: DiadocSettings | None = None
+) -> dict[str, Any]:
     state = await State.open(settings.state_path, settings.state_keys)
     try:
         portals = await state.portals(include_inactive=True)
         journal = await state.journal_all()
+        boxes = await diadoc_status(diadoc, state) if diadoc is not None and diadoc.enabled else []
     finally:
         await state.close()
     out: list[dict[str, Any]] = []
@@ -87,7 +93,7 @@ async def portal_status(settings: Settings, *, ask_upstream: bool) -> dict[str, 
         except ConfigError as exc:
             for entry in out:
                 entry["upstream_error"] = str(exc)
-    return {"portals": out}
+    return {"portals": out, "diadoc_boxes": boxes}
 
 
 async def bind_all(settings: Settings) -> dict[str, list[str]]:

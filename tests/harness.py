@@ -18,6 +18,7 @@ import httpx
 import uvicorn
 
 from bridge.app import create_app
+from bridge.diadoc.settings import load_diadoc_settings
 from bridge.server import Server
 from bridge.service import Service
 from bridge.settings import load_settings
@@ -44,7 +45,7 @@ class InProcessBridge:
 async def bridge_in_process(env: Mapping[str, str]) -> AsyncIterator[InProcessBridge]:
     settings = load_settings(dict(env))
     port = int(env.get("BRIDGE_HTTP_PORT") or free_port())
-    app = create_app(settings)
+    app = create_app(settings, diadoc=load_diadoc_settings(dict(env)))
     config = uvicorn.Config(
         app, host="127.0.0.1", port=port, log_config=None, lifespan="on", access_log=False
     )

@@ -23,7 +23,6 @@ from bench.procs import (
     Served,
     bare_process,
     bridge_env,
-    bridge_metric,
     bridge_process,
     settle_metric,
     wait_first_pass,
@@ -115,9 +114,6 @@ async def run(ctx: Context, result: Result) -> None:
         before = await settle_metric(bridge, PASSES, quiet=1.0)
         load = await send_load(bridge.url + "/bitrix24/events", app, total)
         after = await settle_metric(bridge, PASSES, quiet=2.0)
-        result.metrics["bridge_seconds_for_passes"] = round(
-            await bridge_metric(bridge, "bitrix24_bridge_drain_pass_duration_seconds_sum"), 3
-        )
         await bridge.stop()
         bridge = None
 

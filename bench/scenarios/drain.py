@@ -4,7 +4,7 @@ The bridge (a subprocess, client-side rate limit out of the way) drains the back
 the same broker, a subprocess publishes the same number of messages with plain aio-pika
 (``bench.rawpublish``: same bodies, properties and headers, persistent, ``mandatory``, confirms,
 gathered in windows of 1,000). Both are timed until a consumer in this process holds every
-message; the bridge also until the portal queue is empty. Target: bridge ≥ 0.85 × raw.
+message; the bridge also until the portal queue is empty. Target: bridge ≥ 0.85 x raw.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ TARGET_RATIO = 0.85
 
 
 async def raw_baseline(
-    ctx: Context, count: int, *, member_id: str, domain: str, timeout: float
+    ctx: Context, count: int, *, member_id: str, domain: str, within: float
 ) -> tuple[float, bool]:
     """Seconds for raw aio-pika to get ``count`` messages to a consumer; and whether all came."""
     ns = ctx.broker.namespace("raw")
@@ -33,10 +33,10 @@ async def raw_baseline(
         argv = [sys.executable, "-m", "bench.rawpublish", ns.url, exchange, str(count)]
         argv += [member_id, domain]
         proc = await asyncio.to_thread(
-            subprocess.run, argv, capture_output=True, timeout=timeout, check=True
+            subprocess.run, argv, capture_output=True, timeout=within, check=True
         )
         times = json.loads(proc.stdout.decode().strip().splitlines()[-1])
-        complete = await consumer.wait_for(count, max(1.0, timeout / 4))
+        complete = await consumer.wait_for(count, max(1.0, within / 4))
         finished = max(float(times["confirmed"]), consumer.last_at)
         return finished - float(times["started"]), complete
     finally:
@@ -45,8 +45,8 @@ async def raw_baseline(
 
 async def run(ctx: Context, result: Result) -> None:
     count = ctx.size(50_000, 5_000)
-    timeout = 60 + count / 400
-    bridge = await drain_backlog(ctx, count, label="drain", timeout=timeout)
+    within = 60 + count / 400
+    bridge = await drain_backlog(ctx, count, label="drain", within=within)
     ctx.shared["drain"] = bridge
     result.metrics.update(
         {
@@ -61,7 +61,7 @@ async def run(ctx: Context, result: Result) -> None:
     )
     result.notes.extend(bridge.notes)
     seconds, complete = await raw_baseline(
-        ctx, count, member_id=bridge.member_id, domain=bridge.domain, timeout=timeout
+        ctx, count, member_id=bridge.member_id, domain=bridge.domain, within=within
     )
     raw_rate = count / seconds if seconds > 0 else 0.0
     ratio = bridge.events_per_s / raw_rate if raw_rate else None
