@@ -88,6 +88,8 @@ class Emulator:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             await asyncio.to_thread(self.proc.wait, 10)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
 
     async def _json(self, method: str, path: str, body: object | None = None) -> Any:
         response = await self.http.request(method, path, json=body)
@@ -201,6 +203,7 @@ class Served:
     env: dict[str, str]
     port: int
     log_path: Path
+    wrapped: bool = False  # argv starts with a profiler that runs the server as its child
     proc: subprocess.Popen[bytes] | None = None
     http: httpx.AsyncClient = field(default_factory=lambda: httpx.AsyncClient(timeout=10))
 
@@ -210,7 +213,12 @@ class Served:
 
     @property
     def pid(self) -> int:
+        """The server's process id (the profiler's child when wrapped)."""
         assert self.proc is not None
+        if self.wrapped:
+            children = _children(self.proc.pid)
+            if children:
+                return children[0]
         return self.proc.pid
 
     def start(self) -> None:
@@ -239,12 +247,21 @@ class Served:
         await self.http.aclose()
         if self.proc is None or self.proc.poll() is not None:
             return
-        self.proc.send_signal(signal.SIGTERM)
+        # A profiler writes its output once the server it runs has exited.
+        os.kill(self.pid, signal.SIGTERM)
         try:
             await asyncio.to_thread(self.proc.wait, grace)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             await asyncio.to_thread(self.proc.wait, 10)
+
+
+def _children(pid: int) -> list[int]:
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError, ValueError):
+            found.extend(int(c) for c in (task / "children").read_text().split())
+    return found
 
 
 def bridge_process(
@@ -257,7 +274,8 @@ def bridge_process(
     """``python -m bridge serve``, optionally under ``wrap`` (a profiler's command line)."""
     port = port or free_port()
     full = {**env, "BRIDGE_HTTP_HOST": "127.0.0.1", "BRIDGE_HTTP_PORT": str(port)}
-    return Served([*wrap, sys.executable, "-m", "bridge", "serve"], full, port, log_path)
+    argv = [*wrap, sys.executable, "-m", "bridge", "serve"]
+    return Served(argv, full, port, log_path, wrapped=bool(wrap))
 
 
 def bare_process(log_path: Path) -> Served:

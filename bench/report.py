@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import time
@@ -64,6 +65,8 @@ def fmt(value: object) -> str:
     if isinstance(value, float):
         if value != value:  # NaN
             return "-"
+        if value.is_integer() and abs(value) < 1e15:
+            return fmt(int(value))
         if abs(value) >= 1000:
             return f"{value:,.0f}"
         if abs(value) >= 100:
@@ -80,33 +83,34 @@ def _verdict(check: Check) -> str:
 
 def table(results: Sequence[Result]) -> str:
     """One block per scenario: its metrics, then its targets with PASS/FAIL."""
-    rows: list[tuple[str, str, str, str, str]] = []
+    blocks: list[tuple[str, list[tuple[str, str, str, str]]]] = []
     for result in results:
-        rows.append((result.title, "", "", "", ""))
+        rows: list[tuple[str, str, str, str]] = []
         if result.error:
-            rows.append(("", "error", result.error[:90], "", "ERROR"))
+            rows.append(("error", result.error[:100], "", "ERROR"))
         for key, value in result.metrics.items():
-            if isinstance(value, list | dict):
-                continue
-            rows.append(("", key, fmt(value), "", ""))
+            if not isinstance(value, list | dict):
+                rows.append((key, fmt(value), "", ""))
         for check in result.checks:
-            target = f"{check.op} {fmt(check.target)}{(' ' + check.unit) if check.unit else ''}"
-            rows.append(("", f"target: {check.name}", fmt(check.value), target, _verdict(check)))
-        for note in result.notes:
-            rows.append(("", f"note: {note}", "", "", ""))
-    headers = ("scenario", "metric", "value", "target", "result")
-    widths = [
-        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
-    ]
-    widths[1] = min(widths[1], 60)
+            unit = f" {check.unit}" if check.unit else ""
+            target = f"{check.op} {fmt(check.target)}{unit}"
+            rows.append((f"target: {check.name}", fmt(check.value), target, _verdict(check)))
+        blocks.append((f"{result.title}  [{result.seconds:.0f} s]", rows))
+    headers = ("metric", "value", "target", "result")
+    every = [row for _, rows in blocks for row in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in every]) for i, h in enumerate(headers)]
 
     def line(cells: Sequence[str]) -> str:
-        return "  ".join(
-            c.ljust(w) if i < 4 else c for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-        ).rstrip()
+        return "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
 
     out = [line(headers), line(["-" * w for w in widths])]
-    out.extend(line(row) for row in rows)
+    for title, rows in blocks:
+        out.append(f"## {title}")
+        out.extend(line(row) for row in rows)
+    notes = [(r.title, n) for r in results for n in r.notes]
+    if notes:
+        out.append("")
+        out.extend(f"note ({title}): {note}" for title, note in notes)
     return "\n".join(out)
 
 
@@ -133,5 +137,5 @@ def percentile(values: Sequence[float], q: float) -> float | None:
     if not values:
         return None
     ordered = sorted(values)
-    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5)))
+    rank = min(len(ordered), max(1, math.ceil(q / 100 * len(ordered))))
     return ordered[rank - 1]

@@ -90,11 +90,19 @@ def test_demo_stops_cleanly_on_sigint_and_prints_each_message(amqp_url: str) -> 
             if sum("message_id=" in s for s in seen) >= 5:
                 break
         proc.send_signal(signal.SIGINT)
-        rest, stderr = proc.communicate(timeout=60)
+        # Read through the same text stream: communicate() would skip what readline() has
+        # already buffered.
+        rest = proc.stdout.read()
+        assert proc.stderr is not None
+        stderr = proc.stderr.read()
+        proc.wait(60)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
     stdout = "".join(seen) + rest
     assert proc.returncode == 0, stdout + stderr
     assert "Traceback" not in stderr

@@ -21,6 +21,8 @@ import yaml
 from kubernetes_validate.utils import latest_version
 from prometheus_client.metrics_core import Metric
 
+from bridge.diadoc.metrics import diadoc_metrics
+from bridge.diadoc.settings import load_diadoc_settings
 from bridge.metrics import Metrics
 
 CHART_DIR = Path(__file__).resolve().parent.parent / "helm"
@@ -50,6 +52,15 @@ KNOWN_METRICS = {
     "bitrix24_bridge_broker_connected",
     "bitrix24_bridge_portal_stopped",
 }
+# The Diadoc source's metrics (bridge/diadoc/metrics.py), registered only while it is on.
+DIADOC_METRICS = {
+    "bitrix24_bridge_diadoc_events_published_total",
+    "bitrix24_bridge_diadoc_late_events_total",
+    "bitrix24_bridge_diadoc_duplicates_skipped_total",
+    "bitrix24_bridge_diadoc_requests_total",
+    "bitrix24_bridge_diadoc_token_refreshes_total",
+    "bitrix24_bridge_diadoc_lag_seconds",
+}
 HISTOGRAMS = {
     "bitrix24_bridge_drain_pass_duration_seconds",
     "bitrix24_bridge_events_per_request",
@@ -63,6 +74,12 @@ SECRET_VARS = {
     "BRIDGE_AMQP_URL",
     "BRIDGE_STATE_KEY",
 }
+DIADOC_SECRET_VARS = {"BRIDGE_DIADOC_CLIENT_SECRET", "BRIDGE_DIADOC_REFRESH_TOKEN"}
+DIADOC_SECRETS = {
+    "diadocClientSecret": "diadoc-s3cr3t",
+    "diadocRefreshToken": "diadoc-refresh-0123",
+}
+DIADOC_ON = {"enabled": True, "boxes": ["box-1@diadoc.ru", "box-2@diadoc.ru"], "clientId": "cid"}
 SECRETS = {
     "clientSecret": "s3cr3t-client",
     "amqpUrl": "amqp://bridge:pa55word@rabbitmq:5672/crm",
@@ -219,6 +236,15 @@ def test_full_values_render_every_object(chart: helm.Chart, full_values: dict[st
         {"ingress": {"paths": [{"path": "/bitrix24/events", "pathType": "Regex"}]}},
         {"terminationGracePeriodSeconds": 5},
         {"replicas": 1},
+        {"diadoc": {"boxes": "abc"}},
+        {"diadoc": {"enabled": "yes"}},
+        {"diadoc": {"boxes": ["two words"]}},
+        {"diadoc": {"pollInterval": "30"}},
+        {"diadoc": {"pageLimit": 500}},
+        {"diadoc": {"apiUrl": "diadoc-api.kontur.ru"}},
+        {"diadoc": {"unknown": 1}},
+        {"secrets": {"diadocClientSecret": 42}},
+        {"config": {"extraEnv": {"BRIDGE_DIADOC_CLIENT_SECRET": "leaked"}}},
     ],
     ids=lambda bad: json.dumps(bad, sort_keys=True),
 )
@@ -365,6 +391,9 @@ def test_existing_secret_with_custom_keys(chart: helm.Chart, full_values: dict[s
         "BRIDGE_REFRESH_TOKEN": "refresh-token",
         "BRIDGE_APPLICATION_TOKEN": "application-token",
         "BRIDGE_STATE_KEY": "state-key",
+        # Diadoc is on in the full values.
+        "BRIDGE_DIADOC_CLIENT_SECRET": "diadoc-client-secret",
+        "BRIDGE_DIADOC_REFRESH_TOKEN": "diadoc-refresh-token",
     }
     assert {ref["name"] for ref in refs.values()} == {"bitrix24-credentials"}
     # The pod cannot run without these two; the bootstrap and key material may be absent.
@@ -422,6 +451,149 @@ def test_changed_config_or_secret_restarts_the_pod(chart: helm.Chart) -> None:
     assert config_changed["checksum/secret"] == base["checksum/secret"]
     secret_changed = checksums({"secrets": {"clientSecret": "rotated"}})
     assert secret_changed["checksum/secret"] != base["checksum/secret"]
+
+
+# --- Diadoc ------------------------------------------------------------------------------
+
+
+def diadoc_vars(objects: Manifests) -> set[str]:
+    """Every BRIDGE_DIADOC_* variable the pod gets, from the ConfigMap or the Secret."""
+    names = set(env_config(objects)) | {env["name"] for env in container(objects).get("env", [])}
+    return {name for name in names if name.startswith("BRIDGE_DIADOC_")}
+
+
+def test_diadoc_is_off_by_default_and_renders_no_variable(
+    chart: helm.Chart, full_values: dict[str, Any]
+) -> None:
+    assert diadoc_vars(render(chart)) == set()
+    # Credentials and settings given while the source is off still render nothing, in the chart's
+    # Secret or from an existing one.
+    given = {"secrets": DIADOC_SECRETS, "diadoc": {**DIADOC_ON, "enabled": False}}
+    objects = render(chart, given)
+    assert diadoc_vars(objects) == set()
+    assert not DIADOC_SECRET_VARS & set(objects[("Secret", FULLNAME)]["data"])
+    off = render(chart, {**full_values, "diadoc": {"enabled": False}})
+    assert diadoc_vars(off) == set()
+    assert "Diadoc" not in notes(chart)
+
+
+def test_diadoc_on_renders_the_plain_settings_into_the_config_map(
+    chart: helm.Chart, full_values: dict[str, Any]
+) -> None:
+    data = env_config(render(chart, full_values))
+    diadoc = {k: v for k, v in data.items() if k.startswith("BRIDGE_DIADOC_")}
+    assert diadoc == {
+        "BRIDGE_DIADOC_BOXES": (
+            "7d1a2a5f-3c1b-4f1e-9f5e-0a1b2c3d4e5f@diadoc.ru,"
+            "0b9e8d7c-6a5b-4c3d-2e1f-a0b1c2d3e4f5@diadoc.ru"
+        ),
+        "BRIDGE_DIADOC_API_URL": "https://diadoc-api.kontur.ru",
+        "BRIDGE_DIADOC_TOKEN_URL": "https://identity.kontur.ru/connect/token",
+        "BRIDGE_DIADOC_CLIENT_ID": "crm-sync-diadoc",
+        "BRIDGE_DIADOC_POLL_INTERVAL": "15",
+        "BRIDGE_DIADOC_RESCAN_WINDOW": "7200",
+        "BRIDGE_DIADOC_RESCAN_INTERVAL": "600",
+        "BRIDGE_DIADOC_START_LOOKBACK": "86400",
+        "BRIDGE_DIADOC_PAGE_LIMIT": "50",
+        "BRIDGE_DIADOC_SEEN_KEEP": "200000",
+        "BRIDGE_DIADOC_POPULATE_DOCUMENTS": "false",
+        "BRIDGE_DIADOC_EXCHANGE": "crm.diadoc",
+        "BRIDGE_DIADOC_REQUEST_TIMEOUT": "20.5",
+    }
+    # Secrets never land in the ConfigMap.
+    assert not DIADOC_SECRET_VARS & set(data)
+
+    # The bridge accepts what the chart renders, and reads the same values back.
+    settings = load_diadoc_settings({**diadoc, "BRIDGE_DIADOC_CLIENT_SECRET": "x"})
+    assert settings.enabled
+    assert settings.boxes == tuple(full_values["diadoc"]["boxes"])
+    assert settings.page_limit == 50
+    assert settings.seen_keep == 200_000
+    assert settings.request_timeout == 20.5
+    assert settings.populate_documents is False
+    assert settings.exchange == "crm.diadoc"
+
+
+def test_diadoc_unset_keys_leave_the_bridge_defaults(chart: helm.Chart) -> None:
+    data = env_config(render(chart, {"diadoc": DIADOC_ON}))
+    diadoc = {k: v for k, v in data.items() if k.startswith("BRIDGE_DIADOC_")}
+    assert diadoc == {
+        "BRIDGE_DIADOC_BOXES": "box-1@diadoc.ru,box-2@diadoc.ru",
+        "BRIDGE_DIADOC_CLIENT_ID": "cid",
+    }
+    # 0 is a value, not "unset": rescanWindow 0 turns the re-scan off.
+    zero = render(chart, {"diadoc": {**DIADOC_ON, "rescanWindow": 0, "startLookback": 0}})
+    assert env_config(zero)["BRIDGE_DIADOC_RESCAN_WINDOW"] == "0"
+    assert env_config(zero)["BRIDGE_DIADOC_START_LOOKBACK"] == "0"
+    # Large whole numbers are not printed in exponent form, which an int field would refuse.
+    big = render(chart, {"diadoc": {**DIADOC_ON, "seenKeep": 5_000_000, "pollInterval": 0.5}})
+    assert env_config(big)["BRIDGE_DIADOC_SEEN_KEEP"] == "5000000"
+    assert env_config(big)["BRIDGE_DIADOC_POLL_INTERVAL"] == "0.5"
+
+
+def test_diadoc_secrets_come_from_the_charts_secret(chart: helm.Chart) -> None:
+    objects = render(chart, {"diadoc": DIADOC_ON, "secrets": {**SECRETS, **DIADOC_SECRETS}})
+    refs = secret_refs(objects)
+    assert set(refs) == SECRET_VARS | DIADOC_SECRET_VARS
+    for var in DIADOC_SECRET_VARS:
+        assert refs[var]["name"] == FULLNAME
+        assert refs[var]["key"] == var
+        assert refs[var]["optional"] is True
+    secret = objects[("Secret", FULLNAME)]
+    decoded = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+    assert decoded["BRIDGE_DIADOC_CLIENT_SECRET"] == DIADOC_SECRETS["diadocClientSecret"]
+    assert decoded["BRIDGE_DIADOC_REFRESH_TOKEN"] == DIADOC_SECRETS["diadocRefreshToken"]
+    rendered_config = json.dumps(env_config(objects))
+    for value in DIADOC_SECRETS.values():
+        assert value not in rendered_config
+    # An empty value is left out, as for the Bitrix24 secrets.
+    only_secret = render(chart, {"diadoc": DIADOC_ON, "secrets": {"diadocClientSecret": "x"}})
+    assert diadoc_vars(only_secret) & DIADOC_SECRET_VARS == {"BRIDGE_DIADOC_CLIENT_SECRET"}
+
+
+def test_diadoc_secrets_come_from_the_existing_secret(chart: helm.Chart) -> None:
+    values = {"diadoc": DIADOC_ON, "existingSecret": "creds"}
+    refs = secret_refs(render(chart, values))
+    diadoc = {var: ref for var, ref in refs.items() if var in DIADOC_SECRET_VARS}
+    # The default key names; optional, so the pod starts without them (the bridge then says
+    # what is missing).
+    assert diadoc == {
+        "BRIDGE_DIADOC_CLIENT_SECRET": {
+            "name": "creds",
+            "key": "BRIDGE_DIADOC_CLIENT_SECRET",
+            "optional": True,
+        },
+        "BRIDGE_DIADOC_REFRESH_TOKEN": {
+            "name": "creds",
+            "key": "BRIDGE_DIADOC_REFRESH_TOKEN",
+            "optional": True,
+        },
+    }
+    custom = {
+        **values,
+        "existingSecretKeys": {"diadocClientSecret": "dd-secret", "diadocRefreshToken": ""},
+    }
+    refs = secret_refs(render(chart, custom))
+    assert refs["BRIDGE_DIADOC_CLIENT_SECRET"]["key"] == "dd-secret"
+    # An empty key name leaves the variable out.
+    assert "BRIDGE_DIADOC_REFRESH_TOKEN" not in refs
+
+
+def test_diadoc_enabled_without_boxes_fails_the_render(chart: helm.Chart) -> None:
+    with pytest.raises(helm.HelmRenderError, match=r"diadoc\.boxes is empty"):
+        render_raw(chart, {"diadoc": {"enabled": True}})
+    with pytest.raises(helm.HelmRenderError, match=r"diadoc\.boxes is empty"):
+        render_raw(chart, {"diadoc": {**DIADOC_ON, "boxes": []}})
+
+
+def test_notes_name_the_diadoc_boxes(chart: helm.Chart, full_values: dict[str, Any]) -> None:
+    text = notes(chart, full_values)
+    boxes = ", ".join(full_values["diadoc"]["boxes"])
+    assert f"Diadoc is on: polling 2 box(es): {boxes}." in text
+    # Missing Diadoc credentials are named, like the Bitrix24 ones.
+    bare = notes(chart, {"diadoc": {"enabled": True, "boxes": ["b@diadoc.ru"]}})
+    assert "diadoc.clientId is empty" in bare
+    assert "no Diadoc client secret is configured" in bare
 
 
 # --- exposure -------------------------------------------------------------------------------
@@ -509,6 +681,11 @@ def test_known_metrics_match_what_the_bridge_registers() -> None:
     registered = {exposed(f) for f in Metrics().registry.collect()}
     assert registered == KNOWN_METRICS
 
+    registry = Metrics().registry
+    diadoc_metrics(registry)
+    with_diadoc = {exposed(f) for f in registry.collect()}
+    assert with_diadoc - KNOWN_METRICS == DIADOC_METRICS
+
 
 def test_dashboard_uses_only_known_metrics(chart: helm.Chart, full_values: dict[str, Any]) -> None:
     raw = (CHART_DIR / "dashboards" / "bitrix24-bridge.json").read_text()
@@ -521,9 +698,13 @@ def test_dashboard_uses_only_known_metrics(chart: helm.Chart, full_values: dict[
     ]
     assert exprs
     used = set().union(*(metric_names(e) for e in exprs))
-    assert used <= KNOWN_METRICS, used - KNOWN_METRICS
-    # Every metric is on the dashboard somewhere.
-    assert used == KNOWN_METRICS
+    assert used <= KNOWN_METRICS | DIADOC_METRICS, used - KNOWN_METRICS - DIADOC_METRICS
+    # Every Bitrix24 metric is on the dashboard somewhere; Diadoc has its lag and throughput.
+    assert used >= KNOWN_METRICS, KNOWN_METRICS - used
+    assert used & DIADOC_METRICS == {
+        "bitrix24_bridge_diadoc_lag_seconds",
+        "bitrix24_bridge_diadoc_events_published_total",
+    }
     configmap = render(chart, full_values)[("ConfigMap", "b24-bridge-dashboard")]
     assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert configmap["metadata"]["namespace"] == "monitoring"
@@ -546,7 +727,7 @@ def test_alert_rules_cover_the_failure_modes(
         # Scoped to this release's series.
         assert f'namespace="{NAMESPACE}"' in r["expr"]
     by_metric = {r["alert"]: metric_names(r["expr"]) for r in rules}
-    assert set().union(*by_metric.values()) <= KNOWN_METRICS
+    assert set().union(*by_metric.values()) <= KNOWN_METRICS | DIADOC_METRICS
     assert by_metric == {
         "Bitrix24BridgeBacklogGrowing": {"bitrix24_bridge_upstream_queue_depth"},
         "Bitrix24BridgeOldestEventTooOld": {"bitrix24_bridge_oldest_pending_event_age_seconds"},
@@ -554,9 +735,42 @@ def test_alert_rules_cover_the_failure_modes(
         "Bitrix24BridgeTokenRefreshFailing": {"bitrix24_bridge_token_refreshes_total"},
         "Bitrix24BridgeBrokerDisconnected": {"bitrix24_bridge_broker_connected"},
         "Bitrix24BridgePortalStopped": {"bitrix24_bridge_portal_stopped"},
+        # Diadoc is on in the full values.
+        "Bitrix24BridgeDiadocFeedLagging": {"bitrix24_bridge_diadoc_lag_seconds"},
     }
     # Prometheus's own template syntax survives Helm's rendering.
     assert "{{ $labels.portal }}" in json.dumps(rules)
+
+
+def test_diadoc_lag_alert_only_while_diadoc_is_on(
+    chart: helm.Chart, full_values: dict[str, Any]
+) -> None:
+    rule = one(render(chart, full_values), "PrometheusRule")
+    (lagging,) = [
+        r
+        for group in rule["spec"]["groups"]
+        for r in group["rules"]
+        if r["alert"] == "Bitrix24BridgeDiadocFeedLagging"
+    ]
+    # full-values.yaml sets the threshold to 20 minutes; the condition must hold 10 minutes.
+    assert lagging["expr"].endswith("} > 1200")
+    assert lagging["for"] == "10m"
+    assert "{{ $labels.box }}" in lagging["annotations"]["summary"]
+
+    default_threshold = render(
+        chart, {"diadoc": DIADOC_ON, "metrics": {"prometheusRule": {"enabled": True}}}
+    )
+    (expr,) = [
+        r["expr"]
+        for group in one(default_threshold, "PrometheusRule")["spec"]["groups"]
+        for r in group["rules"]
+        if r["alert"] == "Bitrix24BridgeDiadocFeedLagging"
+    ]
+    assert expr.endswith("} > 900")  # 15 minutes
+
+    off = render(chart, {**full_values, "diadoc": {"enabled": False}})
+    alerts = {r["alert"] for g in one(off, "PrometheusRule")["spec"]["groups"] for r in g["rules"]}
+    assert "Bitrix24BridgeDiadocFeedLagging" not in alerts
 
 
 def test_service_monitor_scrapes_metrics_on_the_http_port(

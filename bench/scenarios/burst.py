@@ -1,8 +1,9 @@
 """Notification burst: authenticated ``ONOFFLINEEVENT`` from 20 concurrent clients.
 
 The bridge runs against a portal with a real portal's request limit and an empty queue, its
-startup pass done. 20 ``httpx.AsyncClient`` s (one keep-alive connection each) send 2,000
-notifications between them, form-encoded as the emulator sends them, each with ``ts`` = now.
+startup pass done. 20 concurrent keep-alive connections send 2,000 notifications between them,
+form-encoded as the emulator sends them, each with ``ts`` = now. The client is the minimal one
+in ``bench.httpload``, not httpx: httpx's own CPU cost would make it the bottleneck here.
 Measured: notifications/s, p50/p99 response time, and the drain passes they started
 (``bitrix24_bridge_drain_passes_total`` before and after, once it stops moving). Then the same
 load against ``bench.bare_app`` (a Starlette app that only answers 200, same uvicorn options).
@@ -10,14 +11,10 @@ load against ``bench.bare_app`` (a Starlette app that only answers 200, same uvi
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections import Counter
-from dataclasses import dataclass, field
-
-import httpx
 
 from bench.context import Context
+from bench.httpload import Load, post_many
 from bench.procs import (
     Emulator,
     Served,
@@ -27,28 +24,13 @@ from bench.procs import (
     settle_metric,
     wait_first_pass,
 )
-from bench.report import Result, percentile
+from bench.report import Result
 from bridge import phpquery
 
 TITLE = "notification burst (20 clients)"
 CLIENTS = 20
 PASSES = "bitrix24_bridge_drain_passes_total"
 FORM = "application/x-www-form-urlencoded"
-
-
-@dataclass
-class Load:
-    seconds: float = 0.0
-    latencies: list[float] = field(default_factory=list)
-    statuses: Counter[int] = field(default_factory=Counter)
-
-    @property
-    def per_s(self) -> float:
-        return len(self.latencies) / self.seconds if self.seconds > 0 else 0.0
-
-    def ms(self, q: float) -> float | None:
-        value = percentile(self.latencies, q)
-        return None if value is None else value * 1000
 
 
 def notification(app: dict[str, str]) -> str:
@@ -69,32 +51,20 @@ def notification(app: dict[str, str]) -> str:
     return phpquery.encode(form)
 
 
-async def send_load(url: str, app: dict[str, str], total: int, clients: int = CLIENTS) -> Load:
-    load = Load()
-    left = iter(range(total))
-
-    async def client() -> None:
-        async with httpx.AsyncClient(timeout=30) as http:
-            for _ in left:
-                body = notification(app).encode()
-                began = time.perf_counter()
-                try:
-                    response = await http.post(url, content=body, headers={"Content-Type": FORM})
-                except httpx.HTTPError:
-                    load.statuses[0] += 1
-                    continue
-                load.latencies.append(time.perf_counter() - began)
-                load.statuses[response.status_code] += 1
-
-    started = time.perf_counter()
-    await asyncio.gather(*(client() for _ in range(clients)))
-    load.seconds = time.perf_counter() - started
-    return load
+async def send_load(server: Served, app: dict[str, str], total: int, clients: int) -> Load:
+    return await post_many(
+        server.port,
+        "/bitrix24/events",
+        lambda: notification(app).encode(),
+        total=total,
+        clients=clients,
+        content_type=FORM,
+    )
 
 
 async def _warm(server: Served, app: dict[str, str]) -> None:
     # One request first, so neither side pays for imports or first-connection set-up.
-    await send_load(server.url + "/bitrix24/events", app, 1, clients=1)
+    await send_load(server, app, 1, clients=1)
 
 
 async def run(ctx: Context, result: Result) -> None:
@@ -112,7 +82,7 @@ async def run(ctx: Context, result: Result) -> None:
         await wait_first_pass(bridge)
         await _warm(bridge, app)
         before = await settle_metric(bridge, PASSES, quiet=1.0)
-        load = await send_load(bridge.url + "/bitrix24/events", app, total)
+        load = await send_load(bridge, app, total, CLIENTS)
         after = await settle_metric(bridge, PASSES, quiet=2.0)
         await bridge.stop()
         bridge = None
@@ -121,7 +91,7 @@ async def run(ctx: Context, result: Result) -> None:
         bare.start()
         await bare.wait_live("/livez")
         await _warm(bare, app)
-        baseline = await send_load(bare.url + "/bitrix24/events", app, total)
+        baseline = await send_load(bare, app, total, CLIENTS)
     finally:
         for server in (bridge, bare):
             if server is not None:

@@ -85,11 +85,54 @@ entry names it). Empty when neither is known.
 {{- end }}
 
 {{/*
-Secret variables as (variable name -> key in the Secret). From the chart's own Secret only the
-values that were given; from existingSecret every key with a non-empty name.
+Secret values as (field of secrets / existingSecretKeys -> variable name). The Diadoc ones only
+while diadoc.enabled: a disabled source gets none of its variables.
 */}}
 {{- define "bitrix24-bridge.secretVars" -}}
-{{- dict "clientId" "BRIDGE_CLIENT_ID" "clientSecret" "BRIDGE_CLIENT_SECRET" "amqpUrl" "BRIDGE_AMQP_URL" "refreshToken" "BRIDGE_REFRESH_TOKEN" "applicationToken" "BRIDGE_APPLICATION_TOKEN" "stateKey" "BRIDGE_STATE_KEY" | toJson }}
+{{- $vars := dict "clientId" "BRIDGE_CLIENT_ID" "clientSecret" "BRIDGE_CLIENT_SECRET" "amqpUrl" "BRIDGE_AMQP_URL" "refreshToken" "BRIDGE_REFRESH_TOKEN" "applicationToken" "BRIDGE_APPLICATION_TOKEN" "stateKey" "BRIDGE_STATE_KEY" }}
+{{- if .Values.diadoc.enabled }}
+{{- $_ := set $vars "diadocClientSecret" "BRIDGE_DIADOC_CLIENT_SECRET" }}
+{{- $_ := set $vars "diadocRefreshToken" "BRIDGE_DIADOC_REFRESH_TOKEN" }}
+{{- end }}
+{{- toJson $vars }}
+{{- end }}
+
+{{/*
+A number as the bridge parses it: whole numbers without a fraction or exponent (30, not 30.0 or
+3e+06), others as Go prints them.
+*/}}
+{{- define "bitrix24-bridge.number" -}}
+{{- $f := float64 . }}
+{{- if eq $f (floor $f) }}{{ int64 $f }}{{ else }}{{ $f }}{{ end }}
+{{- end }}
+
+{{/*
+Plain (non-secret) BRIDGE_DIADOC_* variables as JSON; {} while diadoc.enabled is false. Keys left
+empty or null are not set, so the bridge's own default applies.
+*/}}
+{{- define "bitrix24-bridge.diadocEnv" -}}
+{{- $d := .Values.diadoc }}
+{{- $env := dict }}
+{{- if $d.enabled }}
+{{- if not $d.boxes }}
+{{- fail "diadoc.enabled is true but diadoc.boxes is empty: list at least one Diadoc box id to poll (BRIDGE_DIADOC_BOXES), or set diadoc.enabled=false" }}
+{{- end }}
+{{- $_ := set $env "BRIDGE_DIADOC_BOXES" (join "," $d.boxes) }}
+{{- range $field, $var := dict "apiUrl" "API_URL" "tokenUrl" "TOKEN_URL" "clientId" "CLIENT_ID" "exchange" "EXCHANGE" }}
+{{- with index $d $field }}{{ $_ := set $env (print "BRIDGE_DIADOC_" $var) (toString .) }}{{ end }}
+{{- end }}
+{{- range $field, $var := dict "pollInterval" "POLL_INTERVAL" "rescanWindow" "RESCAN_WINDOW" "rescanInterval" "RESCAN_INTERVAL" "startLookback" "START_LOOKBACK" "pageLimit" "PAGE_LIMIT" "seenKeep" "SEEN_KEEP" "requestTimeout" "REQUEST_TIMEOUT" }}
+{{- $value := index $d $field }}
+{{- /* 0 is a value (rescanWindow: 0 = no re-scan); only null or absent means "default". */}}
+{{- if not (kindIs "invalid" $value) }}
+{{- $_ := set $env (print "BRIDGE_DIADOC_" $var) (include "bitrix24-bridge.number" $value) }}
+{{- end }}
+{{- end }}
+{{- if not (kindIs "invalid" $d.populateDocuments) }}
+{{- $_ := set $env "BRIDGE_DIADOC_POPULATE_DOCUMENTS" (toString $d.populateDocuments) }}
+{{- end }}
+{{- end }}
+{{- toJson $env }}
 {{- end }}
 
 {{- define "bitrix24-bridge.secretKeys" -}}

@@ -1,0 +1,109 @@
+"""Keeps ``bench/`` from rotting. Not a performance test: nothing here asserts a speed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench.__main__ import parse_args, run_all
+from bench.procs import metric_total
+from bench.profile import summarize
+from bench.report import Result, document, percentile, table, write_json
+from bench.scenarios import SCENARIOS
+from bench.scenarios.throttled import ceiling
+
+
+def test_the_ceiling_is_the_tightest_limit_of_the_model() -> None:
+    bound = ceiling(
+        rate_limit=2, op_cost_per_call=0.010, op_cost_per_row=0.0003, operating_budget=480
+    )
+    # 0.8 s of operating time per second / 25 ms per page of 50 events.
+    assert bound.events_per_s == pytest.approx(1600)
+    assert bound.bound_by == "get operating time"
+    assert bound.terms["request rate"] == pytest.approx(2 * 25 * 50)
+
+    fast_portal = ceiling(
+        rate_limit=0.5, op_cost_per_call=0.010, op_cost_per_row=0.0003, operating_budget=480
+    )
+    assert fast_portal.bound_by == "request rate"
+    assert fast_portal.events_per_s == pytest.approx(0.5 * 25 * 50)
+
+    slower = ceiling(
+        rate_limit=2,
+        op_cost_per_call=0.010,
+        op_cost_per_row=0.0003,
+        operating_budget=480,
+        processing={"event.offline.get": 0.005},
+    )
+    assert slower.events_per_s == pytest.approx(0.8 / 0.030 * 50)
+
+
+def test_table_and_json_show_every_metric_and_verdict(tmp_path: Path) -> None:
+    good = Result("drain", "drain throughput")
+    good.metrics.update({"bridge_events_per_s": 1234.5, "complete": True, "terms": {"a": 1}})
+    good.check("bridge / raw", 0.9, ">=", 0.85)
+    good.check("p99", 30.0, "<=", 25, "ms")
+    broken = Result("burst", "notification burst", error="RuntimeError: bridge exited with 2")
+
+    text = table([good, broken])
+    assert "## drain throughput" in text
+    assert "1,234" in text  # thousands separated, no decimals
+    assert "PASS" in text
+    assert "FAIL" in text
+    assert "ERROR" in text
+
+    path = tmp_path / "bench-results.json"
+    write_json(path, document([good, broken], quick=True, argv=["--quick"]))
+    doc = json.loads(path.read_text())
+    assert doc["quick"] is True
+    checks = doc["scenarios"]["drain"]["checks"]
+    assert [c["ok"] for c in checks] == [True, False]
+    assert doc["scenarios"]["drain"]["metrics"]["terms"] == {"a": 1}
+    assert doc["scenarios"]["burst"]["error"].startswith("RuntimeError")
+
+
+def test_percentile_is_nearest_rank() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 50) == 50
+    assert percentile(values, 99) == 99
+    assert percentile([7.0], 99) == 7
+    assert percentile([], 50) is None
+
+
+def test_prometheus_samples_are_summed_over_labels() -> None:
+    text = (
+        "# HELP bitrix24_bridge_drain_passes_total Drain passes\n"
+        'bitrix24_bridge_drain_passes_total{portal="p",outcome="ok"} 3.0\n'
+        'bitrix24_bridge_drain_passes_total{portal="p",outcome="failed"} 1.0\n'
+        "bitrix24_bridge_drain_passes_created 1.7e9\n"
+    )
+    assert metric_total(text, "bitrix24_bridge_drain_passes_total") == 4
+
+
+def test_profile_summary_counts_cumulative_and_self_time() -> None:
+    raw = [
+        "main (/x/bridge/cli.py:1);publish (/x/site-packages/aiormq/channel.py:9) 3",
+        "main (/x/bridge/cli.py:1);dumps (/usr/lib/python3.11/json/__init__.py:2) 1",
+    ]
+    summary = summarize(raw, top=5)
+    assert "4 samples" in summary
+    assert "75.0%  publish (aiormq/channel.py)" in summary
+    assert "aiormq" in summary
+
+
+def test_unknown_scenarios_are_refused() -> None:
+    assert parse_args(["--only", "burst,e2e"]).names == ["burst", "e2e"]
+    assert parse_args([]).names == list(SCENARIOS)
+    with pytest.raises(SystemExit):
+        parse_args(["--only", "nope"])
+
+
+async def test_the_burst_scenario_runs_end_to_end(tmp_path: Path) -> None:
+    results = await run_all(["burst"], quick=True, workdir=tmp_path, scale=0.1)
+    [result] = results
+    assert result.error is None, result.error
+    assert result.metrics["notifications"] == 50
+    assert result.metrics["bridge_non_200"] == 0
+    assert {c.name for c in result.checks} >= {"p99 response time", "drain passes started"}
