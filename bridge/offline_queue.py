@@ -268,11 +268,7 @@ class OfflineQueue:
             )
             self._metrics.inflight.labels(portal=self.name).inc(len(reservations))
         self._metrics.events_per_request.observe(sum(len(r.rows) for r in reservations))
-        for index, page in enumerate(clears):
-            if f"c{index}" in answer.errors:
-                await self._clear(page, report)  # retried alone: clearing is idempotent
-            else:
-                await self._cleared(page, report)
+        await self._settle_clears(clears, answer.errors, report)
         if exhausted and error is None:
             start = answer.time.get("start")
             if isinstance(start, int | float):
@@ -294,59 +290,30 @@ class OfflineQueue:
                 f"c{i}": (CLEAR, page.clear_params(self.connector)) for i, page in enumerate(chunk)
             }
             answer = await self.client.batch(commands, idempotent=True)
-            for index, page in enumerate(chunk):
-                if f"c{index}" in answer.errors:
-                    await self._clear(page, report)
-                else:
-                    await self._cleared(page, report)
+            await self._settle_clears(chunk, answer.errors, report)
             del to_clear[: len(chunk)]
+
+    async def _settle_clears(
+        self, pages: list[ConfirmedPage], errors: Mapping[str, UpstreamError], report: PassReport
+    ) -> None:
+        """Book the clears sent as ``c0``, ``c1``, ... of a batch; retry failed ones alone."""
+        await self._cleared([p for i, p in enumerate(pages) if f"c{i}" not in errors], report)
+        for index, page in enumerate(pages):
+            if f"c{index}" in errors:
+                await self._clear(page, report)  # clearing is idempotent
 
     async def _publish_pages(
         self, reservations: list[Reservation], to_clear: list[ConfirmedPage], report: PassReport
     ) -> None:
         """Publish several reserved pages in one pipelined run, in order."""
-        messages: list[OutgoingMessage] = []
-        for reservation in reservations:
-            try:
-                messages.extend(to_message(row, self.routing) for row in reservation.rows)
-            except MalformedEvent as exc:
-                log.error(
-                    "page left reserved: malformed event",
-                    extra={
-                        "portal": self.name,
-                        "process_id": reservation.process_id,
-                        "reason": str(exc),
-                    },
-                )
-                raise
-        result = await self._publisher.publish(messages)
-        for message in result.confirmed:
-            self._metrics.events_published.labels(event=message.type).inc()
-        report.published += len(result.confirmed)
-        partial: list[ConfirmedPage] = []
-        for reservation, part in zip(
-            reservations, _split(result, reservations, messages), strict=True
-        ):
-            page = ConfirmedPage.of(reservation, part, read_all=True)
-            if page.whole:
-                to_clear.append(page)
-            else:
-                partial.append(page)
-        log.info(
-            "pages published",
-            extra={
-                "portal": self.name,
-                "pages": len(reservations),
-                "events": len(messages),
-                "confirmed": len(result.confirmed),
-                "failed": len(result.failed),
-            },
-        )
+        pages = await self._publish(reservations, report, read_all=True)
+        to_clear.extend(page for page in pages if page.whole)
+        partial = [page for page in pages if not page.whole]
         if partial:
             for page in partial:
                 if page.message_ids:
                     await self._clear(page, report)
-            raise NotConfirmed(f"{len(result.failed)} of {len(messages)} events not confirmed")
+            raise NotConfirmed(f"{len(partial)} of {len(pages)} pages not wholly confirmed")
 
     # -- steps -------------------------------------------------------------------------
 
@@ -367,50 +334,55 @@ class OfflineQueue:
         return Reservation(process_id=process_id, rows=tuple(rows))
 
     async def _publish(
-        self, reservation: Reservation, report: PassReport, *, read_all: bool
-    ) -> ConfirmedPage:
-        try:
-            messages: list[OutgoingMessage] = [
-                to_message(r, self.routing) for r in reservation.rows
-            ]
-        except MalformedEvent as exc:
-            log.error(
-                "page left reserved: malformed event",
-                extra={
-                    "portal": self.name,
-                    "process_id": reservation.process_id,
-                    "reason": str(exc),
-                },
-            )
-            raise
+        self, reservations: list[Reservation], report: PassReport, *, read_all: bool
+    ) -> list[ConfirmedPage]:
+        messages: list[OutgoingMessage] = []
+        for reservation in reservations:
+            try:
+                messages.extend(to_message(row, self.routing) for row in reservation.rows)
+            except MalformedEvent as exc:
+                log.error(
+                    "page left reserved: malformed event",
+                    extra={
+                        "portal": self.name,
+                        "process_id": reservation.process_id,
+                        "reason": str(exc),
+                    },
+                )
+                raise
         result = await self._publisher.publish(messages)
         for message in result.confirmed:
             self._metrics.events_published.labels(event=message.type).inc()
         report.published += len(result.confirmed)
-        page = ConfirmedPage.of(reservation, result, read_all=read_all)
         log.info(
-            "page published",
+            "pages published",
             extra={
                 "portal": self.name,
-                "process_id": reservation.process_id,
+                "process_ids": [r.process_id for r in reservations],
                 "events": len(messages),
                 "confirmed": len(result.confirmed),
                 "failed": len(result.failed),
             },
         )
-        return page
+        parts = _split(result, reservations, messages) if len(reservations) > 1 else [result]
+        return [
+            ConfirmedPage.of(reservation, part, read_all=read_all)
+            for reservation, part in zip(reservations, parts, strict=True)
+        ]
 
     async def _clear(self, page: ConfirmedPage, report: PassReport) -> None:
         await self.client.call(CLEAR, page.clear_params(self.connector), idempotent=True)
-        await self._cleared(page, report)
+        await self._cleared([page], report)
 
-    async def _cleared(self, page: ConfirmedPage, report: PassReport) -> None:
-        for name in page.event_names:
-            self._metrics.events_cleared.labels(event=name).inc()
-        report.cleared += len(page.message_ids)
-        if page.whole:
-            await self._state.journal_remove(self.member_id, self.connector, [page.process_id])
-            self._metrics.inflight.labels(portal=self.name).dec()
+    async def _cleared(self, pages: list[ConfirmedPage], report: PassReport) -> None:
+        for page in pages:
+            for name in page.event_names:
+                self._metrics.events_cleared.labels(event=name).inc()
+            report.cleared += len(page.message_ids)
+        done = [page.process_id for page in pages if page.whole]
+        if done:
+            await self._state.journal_remove(self.member_id, self.connector, done)
+            self._metrics.inflight.labels(portal=self.name).dec(len(done))
 
     # -- recovery ----------------------------------------------------------------------
 
@@ -435,7 +407,9 @@ class OfflineQueue:
                 self._metrics.inflight.labels(portal=self.name).dec()
                 return
             reservation = Reservation(process_id=process_id, rows=reservation.rows)
-            page = await self._publish(reservation, report, read_all=len(reservation.rows) < limit)
+            (page,) = await self._publish(
+                [reservation], report, read_all=len(reservation.rows) < limit
+            )
             log.info(
                 "reservation recovered",
                 extra={

@@ -308,5 +308,5 @@ def _dict(value: object) -> dict[str, Any]:
 def _int_or_none(value: object) -> int | None:
     try:
         return int(value)  # type: ignore[call-overload, no-any-return]
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: a JSON 1e999 is infinity
         return None

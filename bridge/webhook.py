@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -73,7 +74,15 @@ def parse(content_type: str, body: bytes) -> Mapping[str, Any]:
 
 def _text(block: Mapping[str, Any], key: str) -> str:
     value = block.get(key)
-    return value if isinstance(value, str) else ""
+    if not isinstance(value, str):
+        return ""
+    try:
+        # A JSON body may carry lone surrogates (``"\ud800"``): no real credential has one,
+        # and comparing or sending it would raise.
+        value.encode()
+    except UnicodeEncodeError:
+        return ""
+    return value
 
 
 def _auth(data: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -83,9 +92,11 @@ def _auth(data: Mapping[str, Any]) -> Mapping[str, Any]:
 
 def _ts(data: Mapping[str, Any]) -> float | None:
     try:
-        return float(data.get("ts"))  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return None
+        ts = float(data.get("ts"))  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError):
+        return None  # a JSON integer of 400 digits overflows
+    # NaN compares false with everything: it would make the drainer think nothing is due.
+    return ts if math.isfinite(ts) else None
 
 
 async def handle(request: Request, service: Service) -> Response:

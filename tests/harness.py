@@ -42,10 +42,13 @@ class InProcessBridge:
 
 
 @contextlib.asynccontextmanager
-async def bridge_in_process(env: Mapping[str, str]) -> AsyncIterator[InProcessBridge]:
+async def bridge_in_process(
+    env: Mapping[str, str], *, transport: httpx.AsyncBaseTransport | None = None
+) -> AsyncIterator[InProcessBridge]:
+    """``transport`` (optional) carries every upstream request: a seam to corrupt answers."""
     settings = load_settings(dict(env))
     port = int(env.get("BRIDGE_HTTP_PORT") or free_port())
-    app = create_app(settings, diadoc=load_diadoc_settings(dict(env)))
+    app = create_app(settings, transport=transport, diadoc=load_diadoc_settings(dict(env)))
     config = uvicorn.Config(
         app, host="127.0.0.1", port=port, log_config=None, lifespan="on", access_log=False
     )
