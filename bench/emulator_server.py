@@ -59,8 +59,12 @@ def main(argv: list[str]) -> int:
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
-    watcher = threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True)
-    watcher.start()
+
+    def watch_stdin() -> None:
+        sys.stdin.read()  # the parent closes it to stop us (or dies)
+        stop.set()
+
+    threading.Thread(target=watch_stdin, daemon=True).start()
     try:
         stop.wait()
     except KeyboardInterrupt:

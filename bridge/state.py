@@ -115,6 +115,9 @@ class State:
         state = cls(conn, executor, list(keys))
         try:
             await state._run(state._check_keys)
+            if len(keys) > 1:
+                # A key rotation in progress: re-encrypt now, so the old key can go right away.
+                await state.rotate_keys()
         except BaseException:
             await state.close()
             raise
