@@ -169,9 +169,8 @@ class Service:
             metrics=self.metrics,
             page_size=self.settings.page_size,
         )
-        session = PortalSession(
-            client=client, queue=queue, drainer=Drainer(queue, metrics=self.metrics)
-        )
+        drainer = Drainer(queue, metrics=self.metrics, min_gap=1 / self.settings.rate_limit)
+        session = PortalSession(client=client, queue=queue, drainer=drainer)
         self.sessions[portal.member_id] = session
         self.metrics.portal_stopped.labels(portal=portal.domain).set(0)
         return session

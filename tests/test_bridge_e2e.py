@@ -391,3 +391,55 @@ async def test_sigterm_during_a_drain_exits_in_bound_and_restart_delivers_the_re
     assert len(set(collector.message_ids)) == 4000
     assert await _journal(tmp_path / "state.sqlite3") == []
     del asyncio
+
+
+async def test_a_flood_of_notifications_costs_a_few_passes(
+    emulated, amqp_ns, tmp_path: Path
+) -> None:
+    import time
+
+    import httpx
+
+    from bridge import phpquery
+
+    _server, portal, port = emulated
+    env = await bridge_env(
+        portal,
+        amqp_ns,
+        tmp_path / "state.sqlite3",
+        BRIDGE_HTTP_PORT=str(port),
+        BRIDGE_POLL_INTERVAL="0",
+        BRIDGE_RATE_LIMIT="2",
+        BRIDGE_RATE_BURST="50",
+    )
+    app = await portal.app()
+    async with bridge_in_process(env) as bridge, httpx.AsyncClient() as client:
+        drainer = bridge.service.sessions[app["member_id"]].drainer
+        await drainer.idle.wait()
+        before = await portal.calls()
+        started = time.monotonic()
+        for _ in range(300):
+            form = phpquery.encode(
+                {
+                    "event": "ONOFFLINEEVENT",
+                    "ts": int(time.time()),
+                    "auth": {
+                        "member_id": app["member_id"],
+                        "application_token": app["application_token"],
+                    },
+                }
+            )
+            response = await client.post(
+                bridge.events_url,
+                content=form,
+                headers={"content-type": "application/x-www-form-urlencoded"},
+            )
+            assert response.status_code == 200
+        elapsed = time.monotonic() - started
+        await drainer.idle.wait()
+        passes = drainer.passes - 1
+        after = await portal.calls()
+    # Same-second notifications are paced by the portal's sustained rate (2/s): at most one
+    # pass per 0.5 s of flood, plus one for each new second.
+    assert 1 <= passes <= int(elapsed / 0.5) + int(elapsed) + 3
+    assert after.get("batch", 0) - before.get("batch", 0) == passes
