@@ -1,11 +1,12 @@
 """Broker policies: exchanges managed elsewhere, a user without ``configure``, quorum queues, and a
 broker that blocks publishers. In every case nothing is cleared that the broker did not store.
 
-Checked by breaking the code on purpose (then restored): with ``Publisher._declare_exchange``
-declaring for real when ``declare=False`` (``passive=False``), the no-configure user test fails
-(ACCESS_REFUSED on the declare, so nothing is delivered) and the missing-exchange test finds no
-readiness reason (the exchange gets created); with ``ConfirmedPage.of`` treating every message as
-confirmed, the memory-alarm test sees events cleared while the broker blocks publishers.
+Checked by breaking the code on purpose (then restored): with ``Service`` passing
+``declare=True`` to its publisher whatever ``BRIDGE_DECLARE`` says, the missing-exchange test
+gets no readiness reason (the exchange is created) and the no-configure bridge cannot start.
+The memory-alarm test was not broken on purpose: the code to break (``publisher.py``,
+``offline_queue.py``) is being changed elsewhere; its "held" check is the one the
+missing-exchange test proves.
 """
 
 from __future__ import annotations
@@ -140,7 +141,8 @@ async def test_declare_false_with_a_missing_exchange_is_not_ready_and_clears_not
 
         await _until(not_ready, "/readyz to report the missing exchange")
         reason = (await http.get("/readyz")).json()["reason"]
-        assert exchange in reason and "missing" in reason, reason
+        assert exchange in reason, reason
+        assert "missing" in reason, reason
         await _held(portal, 120)
         assert _cleared(bridge) == 0
         assert not await _exchange_exists(amqp_ns, exchange), "declare=false created it"

@@ -4,10 +4,8 @@
 class; this proves the operator's view: the real command, its exit code, its single line on
 stderr (no traceback, no token), and the state file byte for byte as it was.
 
-Checked by breaking the code on purpose (then restored): with ``State._open_secret`` returning
-the ciphertext instead of raising on ``InvalidToken``, ``serve`` starts and the test fails on
-the exit code; with ``cli.main`` not catching ``BridgeError`` the traceback fails the one-line
-check.
+Checked by breaking the code on purpose (then restored): with ``cli.main`` not catching
+``BridgeError`` the traceback fails the one-line check.
 """
 
 from __future__ import annotations
@@ -116,7 +114,9 @@ async def test_serve_with_a_wrong_key_exits_with_one_line_and_touches_nothing(
         await state.close()
 
 
-async def test_serve_with_a_malformed_key_exits_with_one_line(tmp_path: Path, amqp_url: str) -> None:
+async def test_serve_with_a_malformed_key_exits_with_one_line(
+    tmp_path: Path, amqp_url: str
+) -> None:
     done = _serve(tmp_path / "state.sqlite3", amqp_url, "not-a-fernet-key")
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()

@@ -7,11 +7,7 @@ or cleared, the reserved events must stay reserved (and get journaled); once it 
 event arrives and the portal queue and journal end empty.
 
 Checked by breaking the code on purpose (then restored): with ``messages.to_message`` accepting
-any ``MESSAGE_ID`` the ``short_message_id`` case publishes during corruption and fails; with
-``OfflineQueue._reservation`` treating a non-dict answer as an empty page the
-``result_wrong_type`` case ends the pass "empty" and the reserved-events check fails (the
-reservation is never journaled while corruption lasts... and is lost to the orphan scan only
-by luck).
+any ``MESSAGE_ID`` the ``short_message_id`` case publishes during corruption and fails.
 """
 
 from __future__ import annotations
@@ -58,15 +54,15 @@ RESULT_CORRUPTIONS: dict[str, Callable[[Any], Any] | None] = {
     "truncated_json": None,
     "html_502": None,
     "result_wrong_type": lambda result: "events" if isinstance(result, dict) else [result],
-    "events_not_a_list": lambda result: {**result, "events": {"0": 1}}
-    if isinstance(result, dict)
-    else result,
+    "events_not_a_list": lambda result: (
+        {**result, "events": {"0": 1}} if isinstance(result, dict) else result
+    ),
     "id_is_a_list": lambda r: _first_events(r, lambda e: e.update(ID=[e.get("ID")])),
     "short_message_id": lambda r: _first_events(r, _set("MESSAGE_ID", "abc")),
     "no_event_name": lambda r: _first_events(r, _pop("EVENT_NAME")),
-    "event_not_an_object": lambda r: {**r, "events": ["x", *r["events"][1:]]}
-    if isinstance(r, dict) and r.get("events")
-    else r,
+    "event_not_an_object": lambda r: (
+        {**r, "events": ["x", *r["events"][1:]]} if isinstance(r, dict) and r.get("events") else r
+    ),
 }
 
 
