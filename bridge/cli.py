@@ -119,6 +119,8 @@ async def _serve(settings: Settings) -> int:
         access_log=False,
         timeout_graceful_shutdown=int(SHUTDOWN_BOUND),
         server_header=False,
+        # Beyond this many connections uvicorn answers 503 instead of exhausting the process.
+        limit_concurrency=256,
     )
     server = Server(config)
     log.info("serving", extra={"host": settings.http_host, "port": settings.http_port})

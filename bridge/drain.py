@@ -58,6 +58,7 @@ class Drainer:
         self._closed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.failures = 0
+        self._retry_after: float | None = None
         self.passes = 0
         self.skipped_notifications = 0
         self.stopped: str | None = None
@@ -151,7 +152,8 @@ class Drainer:
             ok = await self.run_once(full_check=full)
             if not ok and self.stopped is None and not self._closing:
                 delay = backoff(self.failures, base=self._backoff_base, cap=self._backoff_cap)
-                delay = max(delay, self._backoff_base)
+                # OPERATION_TIME_LIMIT says when the budget comes back: not before that.
+                delay = max(delay, self._backoff_base, self._retry_after or 0.0)
                 log.info(
                     "drain retry scheduled",
                     extra={"portal": self.source.name, "delay_s": round(delay, 2)},
@@ -184,6 +186,7 @@ class Drainer:
             raise
         except Exception as exc:
             self.failures += 1
+            self._retry_after = getattr(exc, "retry_after", None)
             self.last_error = f"{type(exc).__name__}: {exc}"
             self._metrics.drain_passes.labels(portal=name, outcome="failed").inc()
             log.warning(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -83,8 +84,10 @@ def _grant(body: dict[str, Any]) -> Grant:
         member_id = str(body["member_id"])
         client_endpoint = str(body["client_endpoint"])
         expires_in = float(body.get("expires_in", 3600))
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, OverflowError):
         raise TransientError("oauth_bad_answer", "missing fields", method="oauth") from None
+    if not math.isfinite(expires_in):
+        raise TransientError("oauth_bad_answer", "malformed expires_in", method="oauth")
     parts = urlsplit(client_endpoint)
     if parts.scheme not in ("http", "https") or not parts.netloc or not access or not refresh:
         raise TransientError("oauth_bad_answer", "malformed fields", method="oauth")

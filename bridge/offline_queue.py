@@ -28,6 +28,7 @@ CLEAR = "event.offline.clear"
 LIST = "event.offline.list"
 LOOKAHEAD = 1  # reservation requests in flight ahead of publishing
 MAX_RESERVATIONS = 25  # per batch, leaving room for as many clears
+MAX_ORPHAN_SCAN = 10_000  # reserved rows looked at per scan (reservations are few and small)
 
 
 # Answers that prove the reservation never ran, so it cannot have left an orphan behind.
@@ -441,7 +442,10 @@ class OfflineQueue:
                 pid = row.get("PROCESS_ID") if isinstance(row, dict) else None
                 if isinstance(pid, str) and pid and pid not in known and pid not in orphans:
                     orphans.append(pid)
-            if answer.next is None or not rows:
+            if answer.next is None or not rows or answer.next <= start:
+                break  # the last page, or a portal whose paging does not advance
+            if start >= MAX_ORPHAN_SCAN:
+                log.warning("orphan scan stopped early", extra={"portal": self.name, "rows": start})
                 break
             start = answer.next
         self.orphans_suspected = False

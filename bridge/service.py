@@ -14,12 +14,13 @@ import time
 from dataclasses import dataclass, replace
 
 import httpx
+from aiolimiter import AsyncLimiter
 
 from bridge.binding import bind_portal
 from bridge.bootstrap import bootstrap, store_grant
 from bridge.diadoc.settings import DiadocSettings
 from bridge.drain import Drainer
-from bridge.errors import BridgeError, TokenError
+from bridge.errors import BridgeError, TokenError, TransientError
 from bridge.messages import Routing
 from bridge.metrics import Metrics
 from bridge.oauth import OAuthClient
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 
 SHUTDOWN_BOUND = 20.0
 STUCK_AFTER = 300.0
+INSTALL_RATE, INSTALL_BURST = 1.0, 10  # install attempts per second, and in a burst
 _DUMMY_TOKEN = "0" * 32
 
 
@@ -85,6 +87,7 @@ class Service:
         self.feeds: list[Drainer] = []  # polled sources (Diadoc boxes)
         self.closing = False
         self.opened = False
+        self._installs = AsyncLimiter(INSTALL_BURST, INSTALL_BURST / INSTALL_RATE)
         self._tasks: set[asyncio.Task[None]] = set()
         self._poller: asyncio.Task[None] | None = None
 
@@ -189,6 +192,10 @@ class Service:
 
     async def install(self, member_id: str, refresh_token: str, application_token: str) -> Portal:
         """Register a portal after proving the install genuine with the OAuth server."""
+        # Each claimed install costs an OAuth request: unauthenticated, so it is rationed.
+        if not self._installs.has_capacity():
+            raise TransientError("install_rate", "too many install attempts; try again later")
+        await self._installs.acquire()
         grant = await self.oauth.refresh(refresh_token)
         if not hmac.compare_digest(grant.member_id.encode(), member_id.encode()):
             raise TokenError(
@@ -243,8 +250,15 @@ class Service:
                     self._spawn(self._observe(session), f"observe {session.portal.domain}")
 
     async def _observe(self, session: PortalSession) -> None:
-        with contextlib.suppress(BridgeError):
+        try:
             await session.queue.observe()
+        except BridgeError as exc:
+            log.info(
+                "queue depth unavailable",
+                extra={"portal": session.portal.domain, "reason": str(exc)},
+            )
+        except Exception:
+            log.exception("queue depth check failed", extra={"portal": session.portal.domain})
 
     # -- health --------------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ from bridge import phpquery
 from bridge.errors import (
     OutcomeUnknown,
     PortalStopped,
+    StateError,
     TokenError,
     TransientError,
     UpstreamError,
@@ -134,6 +135,7 @@ class PortalClient:
         # `rate_burst`. Mirroring it locally keeps us from ever hearing QUERY_LIMIT_EXCEEDED.
         self.limiter = AsyncLimiter(rate_burst, rate_burst / rate_limit)
         self._refresh_lock = asyncio.Lock()
+        self._unsaved = False  # a refreshed token pair that could not be written yet
         self._max_rate_retries = max_rate_retries
         self._max_fault_retries = max_fault_retries
         self.requests = 0
@@ -199,6 +201,9 @@ class PortalClient:
         self, method: str, params: dict[str, Any], *, idempotent: bool
     ) -> dict[str, Any]:
         """One logical request: retries what is safe to retry, refreshes tokens once."""
+        if self._unsaved:
+            await self._save(self.portal)
+            self._unsaved = False
         refreshed = False
         rate_attempts = 0
         fault_attempts = 0
@@ -289,7 +294,13 @@ class PortalClient:
             )
             # Refresh tokens rotate: the old one is dead now, so the new pair must be on disk
             # before anything uses it.
-            await self._save(updated)
+            try:
+                await self._save(updated)
+            except StateError:
+                # The old pair is dead already: keep the live one in memory, and save it before
+                # any further call (see _request), rather than lose the portal.
+                self.portal, self._unsaved = updated, True
+                raise
             self.portal = updated
             self._metrics.token_refreshes.labels(outcome="ok").inc()
             log.info("access token refreshed", extra={"portal": self.portal.domain})

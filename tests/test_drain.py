@@ -171,3 +171,19 @@ async def test_same_second_notifications_are_paced_by_the_request_rate() -> None
     await asyncio.sleep(0.02)
     assert source.passes == before + 1
     await drainer.stop(1)
+
+
+async def test_operating_time_limit_waits_for_the_reset() -> None:
+    source = FakeSource()
+    source.fail_next = [TransientError("OPERATION_TIME_LIMIT", retry_after=0.4)]
+    drainer = Drainer(source, metrics=Metrics(), backoff_base=0.01, backoff_cap=0.02)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    drainer.start()
+    for _ in range(200):
+        if source.passes >= 2:
+            break
+        await asyncio.sleep(0.01)
+    assert source.passes == 2
+    assert loop.time() - started >= 0.4
+    await drainer.stop(1)

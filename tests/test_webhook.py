@@ -180,3 +180,18 @@ async def test_notification_metrics_count_outcomes(rig) -> None:
         "bitrix24_bridge_notifications_total", {"event": "other", "outcome": "unsupported"}
     )
     assert (unauthorized, unsupported) == (1.0, 1.0)
+
+
+async def test_claimed_installs_are_rationed(rig) -> None:
+    client, _service, upstream = rig
+    body = _form(
+        event="ONAPPINSTALL",
+        auth={"member_id": "x" * 32, "refresh_token": "r", "application_token": "t"},
+    )
+    answers = [
+        (await client.post("/bitrix24/events", content=body, headers=FORM)).status_code
+        for _ in range(15)
+    ]
+    # Each attempt that is let through costs one OAuth request; the rest cost nothing.
+    assert len(upstream.requests) == 10
+    assert answers.count(503) == 15
