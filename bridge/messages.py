@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -25,11 +26,14 @@ class Routing:
     domain: str
     connector: str
 
+    # Rendered once per event name, not once per message.
+    @functools.lru_cache(maxsize=512)  # noqa: B019 - a handful of long-lived Routing objects
     def exchange(self, event: str) -> str:
         return self.exchange_template.format(
             event=event, domain=self.domain, member_id=self.member_id
         )
 
+    @functools.lru_cache(maxsize=512)  # noqa: B019
     def routing_key(self, event: str) -> str:
         return self.routing_key_template.format(
             event=event, domain=self.domain, member_id=self.member_id

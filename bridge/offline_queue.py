@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 GET = "event.offline.get"
 CLEAR = "event.offline.clear"
 LIST = "event.offline.list"
-LOOKAHEAD = 1  # reservation requests in flight ahead of publishing
+LOOKAHEAD = 2  # reserved batches waiting ahead of publishing
 MAX_RESERVATIONS = 25  # per batch, leaving room for as many clears
 MAX_ORPHAN_SCAN = 10_000  # reserved rows looked at per scan (reservations are few and small)
 
@@ -175,10 +176,22 @@ class OfflineQueue:
         pages: asyncio.Queue[list[Reservation] | _Failed | None] = asyncio.Queue(LOOKAHEAD)
         reserver = asyncio.create_task(self._reserve_loop(pages, to_clear, report))
         try:
-            while (item := await pages.get()) is not None:
+            stash: list[Reservation] | _Failed | None = []
+            while True:
+                item, stash = (stash if stash != [] else await pages.get()), []
+                if item is None:
+                    break
                 if isinstance(item, _Failed):
                     raise item.error
-                await self._publish_pages(item, to_clear, report)
+                run = list(item)
+                # Pages already reserved meanwhile go in the same pipelined publish.
+                while not pages.empty():
+                    more = pages.get_nowait()
+                    if not isinstance(more, list):
+                        stash = more
+                        break
+                    run.extend(more)
+                await self._publish_pages(run, to_clear, report)
             await reserver
         except Exception:
             reserver.cancel()
@@ -352,8 +365,8 @@ class OfflineQueue:
                 )
                 raise
         result = await self._publisher.publish(messages)
-        for message in result.confirmed:
-            self._metrics.events_published.labels(event=message.type).inc()
+        for name, count in Counter(m.type for m in result.confirmed).items():
+            self._metrics.events_published.labels(event=name).inc(count)
         report.published += len(result.confirmed)
         log.info(
             "pages published",
@@ -376,10 +389,12 @@ class OfflineQueue:
         await self._cleared([page], report)
 
     async def _cleared(self, pages: list[ConfirmedPage], report: PassReport) -> None:
+        names: Counter[str] = Counter()
         for page in pages:
-            for name in page.event_names:
-                self._metrics.events_cleared.labels(event=name).inc()
+            names.update(page.event_names)
             report.cleared += len(page.message_ids)
+        for name, count in names.items():
+            self._metrics.events_cleared.labels(event=name).inc(count)
         done = [page.process_id for page in pages if page.whole]
         if done:
             await self._state.journal_remove(self.member_id, self.connector, done)
