@@ -5,8 +5,8 @@ cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 export BRIDGE_TEST_REQUIRE_BROKER=1
 echo "[test] ruff"
-.venv/bin/ruff check bridge tests
-.venv/bin/ruff format --check bridge tests
+.venv/bin/ruff check bridge tests bench
+.venv/bin/ruff format --check bridge tests bench
 echo "[test] mypy --strict"
 .venv/bin/mypy
 echo "[test] pytest"

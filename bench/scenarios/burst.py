@@ -3,8 +3,9 @@
 The bridge runs against a portal with a real portal's request limit and an empty queue, its
 startup pass done. One genuine notification is sent (the warm-up), then 20 concurrent
 keep-alive connections replay that same notification 2,000 times, form-encoded as the emulator
-sends them: the flood SPEC §5 asks to cost no more than the portal's sustained request rate. The client is the minimal one
-in ``bench.httpload``, not httpx: httpx's own CPU cost would make it the bottleneck here.
+sends them: a replayed notification, the flood that must cost no more than the portal's
+sustained request rate. The client is the minimal one in ``bench.httpload``, not httpx: httpx's
+own CPU cost would make it the bottleneck here.
 Measured: notifications/s, p50/p99 response time, and the drain passes they started
 (``bitrix24_bridge_drain_passes_total`` before and after, once it stops moving). Then the same
 load against ``bench.bare_app`` (a Starlette app that only answers 200, same uvicorn options).
