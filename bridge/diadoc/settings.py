@@ -6,24 +6,17 @@ credentials become required.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from bridge.errors import ConfigError
-from bridge.settings import is_loopback
+from bridge.settings import CommaList, _split_commas, is_loopback
 
 PREFIX = "BRIDGE_DIADOC_"
 
-CommaList = Annotated[tuple[str, ...], NoDecode]
-
-
-def _split_commas(value: object) -> object:
-    if isinstance(value, str):
-        return tuple(part.strip() for part in value.split(",") if part.strip())
-    return value
 
 
 class DiadocSettings(BaseSettings):
