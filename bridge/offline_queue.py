@@ -170,28 +170,28 @@ class OfflineQueue:
         await self._recover_journal(report)
         if full_check or self.orphans_suspected:
             await self._recover_orphans(report)
-        # Reserving runs one request ahead of publishing; confirmed pages wait in `to_clear`
-        # and ride along with the next reservation request.
+        # Reserving runs ahead of publishing (up to LOOKAHEAD batches); confirmed pages wait
+        # in `to_clear` and ride along with the next reservation request.
         to_clear: list[ConfirmedPage] = []
         pages: asyncio.Queue[list[Reservation] | _Failed | None] = asyncio.Queue(LOOKAHEAD)
         reserver = asyncio.create_task(self._reserve_loop(pages, to_clear, report))
         try:
-            stash: list[Reservation] | _Failed | None = []
-            while True:
-                item, stash = (stash if stash != [] else await pages.get()), []
-                if item is None:
-                    break
+            item = await pages.get()
+            while item is not None:
                 if isinstance(item, _Failed):
                     raise item.error
                 run = list(item)
-                # Pages already reserved meanwhile go in the same pipelined publish.
-                while not pages.empty():
-                    more = pages.get_nowait()
-                    if not isinstance(more, list):
-                        stash = more
-                        break
-                    run.extend(more)
+                # Pages reserved meanwhile go in the same pipelined publish.
+                marker: _Failed | None = None
+                ended = False  # the end marker (or a failure) was taken from the queue
+                while not pages.empty() and not ended:
+                    following = pages.get_nowait()
+                    if isinstance(following, list):
+                        run.extend(following)
+                    else:
+                        marker, ended = following, True
                 await self._publish_pages(run, to_clear, report)
+                item = marker if ended else await pages.get()
             await reserver
         except Exception:
             reserver.cancel()
