@@ -81,13 +81,20 @@ def decode(query: str | bytes, *, max_depth: int = 16, max_keys: int = 1000) -> 
     root = _PhpArray()
     for pair in pairs:
         raw_name, _, raw_value = pair.partition("=")
-        name = unquote_plus(raw_name)
-        value = unquote_plus(raw_value)
+        name = _unquote(raw_name)
+        value = _unquote(raw_value)
         path = _parse_name(name, max_depth)
         if path is not None:
             _assign(root, path, value)
     result = _plain(root)
     return result if isinstance(result, dict) else {str(i): v for i, v in enumerate(result)}
+
+
+def _unquote(text: str) -> str:
+    # Most names and many values need no decoding; unquote_plus is the costly part of a parse.
+    if "%" not in text and "+" not in text:
+        return text
+    return unquote_plus(text)
 
 
 def _parse_name(name: str, max_depth: int) -> list[Any] | None:
