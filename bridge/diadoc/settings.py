@@ -18,7 +18,6 @@ from bridge.settings import CommaList, _split_commas, is_loopback
 PREFIX = "BRIDGE_DIADOC_"
 
 
-
 class DiadocSettings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=PREFIX,
