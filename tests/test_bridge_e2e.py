@@ -115,7 +115,7 @@ async def test_sigkill_at_random_moments_loses_nothing(emulated, amqp_ns, tmp_pa
     state_path = tmp_path / "state.sqlite3"
     env = await bridge_env(portal, amqp_ns, state_path, BRIDGE_HTTP_PORT=str(port))
     bridge = BridgeProcess(env, tmp_path / "bridge.log")
-    total = 5000
+    total = 10_000  # several seconds of drain, so each kill lands inside it
     rng = random.Random()
     kills = 0
     try:
@@ -367,8 +367,10 @@ async def test_sigterm_during_a_drain_exits_in_bound_and_restart_delivers_the_re
     _server, portal, port = emulated
     collector = await amqp_ns.consume(amqp_ns.exchange("oncrmleadadd"))
     env = await bridge_env(portal, amqp_ns, tmp_path / "state.sqlite3", BRIDGE_HTTP_PORT=str(port))
-    await portal.faults(latency_ms=5)  # a drain long enough to be interrupted
-    await portal.generate("ONCRMLEADADD", 4000)
+    # A backlog several times what is reserved ahead (2 batches of 25 pages), so SIGTERM
+    # lands while most of it still waits in the portal.
+    await portal.faults(latency_ms=5)
+    await portal.generate("ONCRMLEADADD", 15000)
     bridge = BridgeProcess(env, tmp_path / "bridge.log")
     try:
         bridge.start()
@@ -388,7 +390,7 @@ async def test_sigterm_during_a_drain_exits_in_bound_and_restart_delivers_the_re
         bridge.terminate()
     finally:
         bridge.stop()
-    assert len(set(collector.message_ids)) == 4000
+    assert len(set(collector.message_ids)) == 15000
     assert await _journal(tmp_path / "state.sqlite3") == []
     del asyncio
 
