@@ -10,15 +10,17 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import uvicorn
 
 from bridge.app import create_app
 from bridge.diadoc.settings import load_diadoc_settings
+from bridge.emulator import EmulatorConfig, EmulatorServer
 from bridge.server import Server
 from bridge.service import Service
 from bridge.settings import load_settings
@@ -213,3 +215,33 @@ async def bridge_env(
     }
     env.update(extra)
     return env
+
+
+@contextlib.asynccontextmanager
+async def emulated_portal(
+    *, min_timeout: float = 0
+) -> AsyncIterator[tuple[EmulatorServer, Portal, int]]:
+    """An unthrottled emulated portal whose notifications go to a bridge port chosen ahead."""
+    bridge_port = free_port()
+    config = EmulatorConfig(
+        handler_url=f"http://127.0.0.1:{bridge_port}/bitrix24/events",
+        min_timeout=min_timeout,
+        rate_limit=None,
+        auto_bind=True,
+    )
+    server = EmulatorServer(config).start()
+    portal = Portal(server.base_url)
+    try:
+        yield server, portal, bridge_port
+    finally:
+        await portal.close()
+        server.stop()
+
+
+async def until(predicate: Callable[[], Awaitable[Any]], what: str, timeout: float = 30.0) -> None:
+    """Wait until ``predicate()`` answers true; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not await predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)

@@ -3,33 +3,14 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from datetime import datetime
 from pathlib import Path
 
 import pytest
 
-from bridge.emulator import EmulatorConfig, EmulatorServer
-from tests.harness import Portal, bridge_env, bridge_in_process, free_port
+from tests.harness import bridge_env, bridge_in_process
 
 EVENTS = ["ONCRMLEADADD", "ONCRMLEADUPDATE", "ONCRMDEALADD", "ONCRMDEALUPDATE", "ONCRMCONTACTADD"]
-
-
-@pytest.fixture
-async def emulated() -> AsyncIterator[tuple[EmulatorServer, Portal, int]]:
-    """An emulated portal whose notifications go to a bridge port chosen in advance."""
-    bridge_port = free_port()
-    config = EmulatorConfig(
-        handler_url=f"http://127.0.0.1:{bridge_port}/bitrix24/events",
-        min_timeout=0,
-        rate_limit=None,
-        auto_bind=True,
-    )
-    server = EmulatorServer(config).start()
-    portal = Portal(server.base_url)
-    yield server, portal, bridge_port
-    await portal.close()
-    server.stop()
 
 
 async def test_5000_events_arrive_exactly_once_with_the_contracted_message(

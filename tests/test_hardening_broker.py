@@ -11,14 +11,10 @@ missing-exchange test proves.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import subprocess
-import time
 import uuid
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
 
 import aio_pika
 import aiormq
@@ -26,27 +22,11 @@ import httpx
 import pytest
 from yarl import URL
 
-from bridge.emulator import EmulatorConfig, EmulatorServer
-from tests.harness import InProcessBridge, Portal, bridge_env, bridge_in_process, free_port
+from bridge.emulator import EmulatorServer
+from tests.harness import InProcessBridge, Portal, bridge_env, bridge_in_process, until
 from tests.plugins.broker import AmqpNamespace
 
 EVENT = "ONCRMLEADADD"
-
-
-@pytest.fixture
-async def emulated() -> AsyncIterator[tuple[EmulatorServer, Portal, int]]:
-    bridge_port = free_port()
-    config = EmulatorConfig(
-        handler_url=f"http://127.0.0.1:{bridge_port}/bitrix24/events",
-        min_timeout=0,
-        rate_limit=None,
-        auto_bind=True,
-    )
-    server = EmulatorServer(config).start()
-    portal = Portal(server.base_url)
-    yield server, portal, bridge_port
-    await portal.close()
-    server.stop()
 
 
 async def _env(
@@ -92,14 +72,6 @@ def _cleared(bridge: InProcessBridge) -> float:
     return value or 0.0
 
 
-async def _until(predicate: Callable[[], Any], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
-
-
 async def _held(portal: Portal, total: int) -> None:
     """Every event is still in the portal, free or reserved: nothing was cleared."""
     queue = await portal.queue()
@@ -139,7 +111,7 @@ async def test_declare_false_with_a_missing_exchange_is_not_ready_and_clears_not
         async def not_ready() -> bool:
             return (await http.get("/readyz")).status_code == 503
 
-        await _until(not_ready, "/readyz to report the missing exchange")
+        await until(not_ready, "/readyz to report the missing exchange")
         reason = (await http.get("/readyz")).json()["reason"]
         assert exchange in reason, reason
         assert "missing" in reason, reason
@@ -155,7 +127,7 @@ async def test_declare_false_with_a_missing_exchange_is_not_ready_and_clears_not
         async def ready() -> bool:
             return (await http.get("/readyz")).status_code == 200
 
-        await _until(ready, "/readyz to recover")
+        await until(ready, "/readyz to recover")
     assert len(set(collector.message_ids)) == 120
 
 
@@ -251,7 +223,7 @@ async def test_memory_alarm_blocks_publishing_and_nothing_is_cleared_until_it_cl
             async def alarmed() -> bool:
                 return "memory" in _eval("rabbit_alarm:get_alarms().")
 
-            await _until(alarmed, "the memory alarm", timeout=15)
+            await until(alarmed, "the memory alarm", timeout=15)
             await portal.generate(EVENT, total)
             registry = bridge.service.metrics.registry
 
@@ -261,7 +233,7 @@ async def test_memory_alarm_blocks_publishing_and_nothing_is_cleared_until_it_cl
                 )
                 return bool(value)
 
-            await _until(timed_out, "a publish to time out against the blocked broker")
+            await until(timed_out, "a publish to time out against the blocked broker")
             await _held(portal, total)
             assert _cleared(bridge) == 0
             assert bridge.service.publisher.connected, "blocked is not disconnected"

@@ -13,21 +13,17 @@ the disk is full and the test fails on ``collector.messages == []``; with
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import errno
 import os
 import subprocess
-import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
-from bridge.emulator import EmulatorConfig, EmulatorServer
-from tests.harness import Portal, bridge_env, bridge_in_process, free_port
+from tests.harness import bridge_env, bridge_in_process, until
 
 EVENT = "ONCRMLEADADD"
 
@@ -65,30 +61,6 @@ def _fill(volume: Path) -> Path:
     return filler
 
 
-@pytest.fixture
-async def emulated() -> AsyncIterator[tuple[EmulatorServer, Portal, int]]:
-    bridge_port = free_port()
-    config = EmulatorConfig(
-        handler_url=f"http://127.0.0.1:{bridge_port}/bitrix24/events",
-        min_timeout=0,
-        rate_limit=None,
-        auto_bind=True,
-    )
-    server = EmulatorServer(config).start()
-    portal = Portal(server.base_url)
-    yield server, portal, bridge_port
-    await portal.close()
-    server.stop()
-
-
-async def _until(predicate: Callable[[], Any], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
-
-
 async def test_full_disk_stops_the_drain_before_publishing_and_recovers(
     emulated, amqp_ns, small_volume: Path
 ) -> None:
@@ -113,7 +85,7 @@ async def test_full_disk_stops_the_drain_before_publishing_and_recovers(
             async def not_ready() -> bool:
                 return (await http.get("/readyz")).status_code == 503
 
-            await _until(not_ready, "/readyz to report the failed state write")
+            await until(not_ready, "/readyz to report the failed state write")
             reason = (await http.get("/readyz")).json()["reason"]
             assert "state file write failed" in reason, reason
             assert "full" in reason, reason
@@ -134,7 +106,7 @@ async def test_full_disk_stops_the_drain_before_publishing_and_recovers(
         async def ready() -> bool:
             return (await http.get("/readyz")).status_code == 200
 
-        await _until(ready, "/readyz to recover")
+        await until(ready, "/readyz to recover")
         assert bridge.service.state is not None
         journal = await bridge.service.state.journal_all()
     assert journal == []

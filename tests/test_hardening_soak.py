@@ -34,8 +34,8 @@ import aio_pika
 import pytest
 from aio_pika.abc import AbstractIncomingMessage
 
-from bridge.emulator import EmulatorConfig, EmulatorServer
-from tests.harness import BridgeProcess, Portal, bridge_env, free_port
+from bridge.emulator import EmulatorServer
+from tests.harness import BridgeProcess, Portal, bridge_env, emulated_portal
 from tests.plugins.broker import AmqpNamespace
 from tests.plugins.tcpproxy import TcpProxy
 
@@ -106,18 +106,9 @@ class Consumer:
 
 @pytest.fixture
 async def emulated() -> AsyncIterator[tuple[EmulatorServer, Portal, int]]:
-    bridge_port = free_port()
-    config = EmulatorConfig(
-        handler_url=f"http://127.0.0.1:{bridge_port}/bitrix24/events",
-        min_timeout=1,
-        rate_limit=None,
-        auto_bind=True,
-    )
-    server = EmulatorServer(config).start()
-    portal = Portal(server.base_url)
-    yield server, portal, bridge_port
-    await portal.close()
-    server.stop()
+    # A real portal's minTimeout: notifications are suppressed for a second after each one.
+    async with emulated_portal(min_timeout=1) as running:
+        yield running
 
 
 FAULTS: list[dict[str, object]] = [

@@ -12,18 +12,15 @@ any ``MESSAGE_ID`` the ``short_message_id`` case publishes during corruption and
 
 from __future__ import annotations
 
-import asyncio
 import json
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from bridge.emulator import EmulatorConfig, EmulatorServer
-from tests.harness import Portal, bridge_env, bridge_in_process, free_port
+from tests.harness import bridge_env, bridge_in_process, until
 
 GET = "event.offline.get"
 CLEAR = "event.offline.clear"
@@ -112,30 +109,6 @@ class CorruptingTransport(httpx.AsyncBaseTransport):
         return httpx.Response(200, content=json.dumps(body).encode(), headers=headers)
 
 
-@pytest.fixture
-async def emulated() -> AsyncIterator[tuple[EmulatorServer, Portal, int]]:
-    bridge_port = free_port()
-    config = EmulatorConfig(
-        handler_url=f"http://127.0.0.1:{bridge_port}/bitrix24/events",
-        min_timeout=0,
-        rate_limit=None,
-        auto_bind=True,
-    )
-    server = EmulatorServer(config).start()
-    portal = Portal(server.base_url)
-    yield server, portal, bridge_port
-    await portal.close()
-    server.stop()
-
-
-async def _until(predicate: Callable[[], Any], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
-
-
 @pytest.mark.parametrize("mode", sorted(RESULT_CORRUPTIONS))
 async def test_corrupted_reservation_answer_stops_the_page_and_recovers(
     emulated, amqp_ns, tmp_path: Path, mode: str
@@ -168,7 +141,7 @@ async def test_corrupted_reservation_answer_stops_the_page_and_recovers(
             # reservation the portal holds is in the journal.
             return transport.corrupted >= 2 and bool(reserved) and set(reserved) <= journal
 
-        await _until(held_safely, "the reserved pages to be journaled")
+        await until(held_safely, "the reserved pages to be journaled")
         queue = await portal.queue()
         reserved: dict[str, int] = queue["reserved"]  # type: ignore[assignment]
         assert queue["free"] + sum(reserved.values()) == total, queue
