@@ -228,6 +228,17 @@ class Served:
         )
         log.close()
 
+    def pin(self, cpus: set[int]) -> None:
+        """Run every thread of the server on ``cpus`` (threads started later inherit it)."""
+        for task in Path(f"/proc/{self.pid}/task").iterdir():
+            with contextlib.suppress(OSError, ValueError):
+                os.sched_setaffinity(int(task.name), cpus)
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time the server has used so far."""
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def check(self) -> None:
         assert self.proc is not None
         if self.proc.poll() is not None:

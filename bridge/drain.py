@@ -75,9 +75,13 @@ class Drainer:
             self.skipped_notifications += 1
             return False
         if ts is None:
+            if self._untimed:
+                return True  # a pass is already due: nothing to wake
             self._untimed = True
         else:
-            self._pending_ts = ts if self._pending_ts is None else max(self._pending_ts, ts)
+            if self._pending_ts is not None and ts <= self._pending_ts:
+                return True  # a replay of a notification already waiting for its pass
+            self._pending_ts = ts
         self.idle.clear()
         self._wake.set()
         return True
@@ -144,7 +148,8 @@ class Drainer:
             if delay > 0:
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), delay)
+                    async with asyncio.timeout(delay):
+                        await self._wake.wait()
                 continue
             self._last_start = time.monotonic()
             self._untimed, self._pending_ts = False, None
@@ -159,7 +164,8 @@ class Drainer:
                     extra={"portal": self.source.name, "delay_s": round(delay, 2)},
                 )
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._closed.wait(), delay)
+                    async with asyncio.timeout(delay):
+                        await self._closed.wait()
                 self._full = True
                 self._untimed = True
         self.idle.set()

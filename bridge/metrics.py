@@ -85,6 +85,8 @@ class Metrics:
             ["event", "outcome"],
             registry=r,
         )
+        # One child per (event, outcome), looked up once: counted on every request.
+        self._notification_counts: dict[tuple[str, str], Counter] = {}
         self.broker_connected = Gauge(
             PREFIX + "broker_connected", "1 while the broker connection is open", registry=r
         )
@@ -94,3 +96,11 @@ class Metrics:
             ["portal"],
             registry=r,
         )
+
+    def count_notification(self, event: str, outcome: str) -> None:
+        """``notifications_total{event, outcome}`` + 1; the caller keeps the labels bounded."""
+        child = self._notification_counts.get((event, outcome))
+        if child is None:
+            child = self.notifications.labels(event, outcome)
+            self._notification_counts[(event, outcome)] = child
+        child.inc()

@@ -1,9 +1,14 @@
 from collections.abc import AsyncIterator
 
 import pytest
+from hypothesis import settings
 
 from bridge.emulator import EmulatorServer
 from tests.harness import Portal, emulated_portal
+
+# Properties, not timings: a busy CI machine must not turn a slow example into a failure.
+settings.register_profile("bridge", deadline=None)
+settings.load_profile("bridge")
 
 pytest_plugins = [
     "tests.plugins.broker",

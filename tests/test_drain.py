@@ -173,6 +173,27 @@ async def test_same_second_notifications_are_paced_by_the_request_rate() -> None
     await drainer.stop(1)
 
 
+async def test_a_replayed_notification_does_not_wake_the_loop_again() -> None:
+    source = FakeSource()
+    drainer = Drainer(source, metrics=Metrics(), min_gap=30)
+    drainer.start()
+    try:
+        await _settle(drainer)
+        drainer.notify(1000.5)  # the same second as the empty answer: due, but paced
+        await asyncio.sleep(0.01)
+        assert not drainer._wake.is_set()  # the loop sits out min_gap
+        for _ in range(100):
+            assert drainer.notify(1000.5)
+            assert drainer.notify(1000.0)
+        assert not drainer._wake.is_set()  # nothing new: it sleeps on
+        assert source.passes == 1
+        drainer.notify(1001.0)  # a later second wakes it and runs at once
+        await asyncio.sleep(0.01)
+        assert source.passes == 2
+    finally:
+        await drainer.stop(1)
+
+
 async def test_operating_time_limit_waits_for_the_reset() -> None:
     source = FakeSource()
     source.fail_next = [TransientError("OPERATION_TIME_LIMIT", retry_after=0.4)]

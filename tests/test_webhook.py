@@ -6,7 +6,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bridge import phpquery
+from bridge import phpquery, webhook
 from bridge.app import create_app
 from bridge.service import PortalSession, Service
 from bridge.settings import load_settings
@@ -195,3 +195,59 @@ async def test_claimed_installs_are_rationed(rig) -> None:
     # Each attempt that is let through costs one OAuth request; the rest cost nothing.
     assert len(upstream.requests) == 10
     assert answers.count(503) == 15
+
+
+def _notification(ts: int) -> bytes:
+    return _form(
+        event="ONOFFLINEEVENT",
+        data="",
+        ts=str(ts),
+        auth={"member_id": MEMBER, "application_token": APP_TOKEN, "domain": "acme.example"},
+    )
+
+
+async def test_a_repeated_body_is_parsed_once(rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    client, service, _ = rig
+    webhook._parse_cached.cache_clear()
+    decoded: list[str] = []
+
+    def counting(query: str, **limits: int) -> dict[str, object]:
+        decoded.append(query)
+        return decode(query, **limits)
+
+    decode = phpquery.decode
+    monkeypatch.setattr(phpquery, "decode", counting)
+    for _ in range(5):
+        response = await client.post("/bitrix24/events", content=_notification(1), headers=FORM)
+        assert response.status_code == 200
+    assert len(decoded) == 1
+    await client.post("/bitrix24/events", content=_notification(2), headers=FORM)
+    assert len(decoded) == 2
+    assert _session(service).drainer._pending_ts == 2.0
+
+
+async def test_a_repeated_body_is_authenticated_every_time(rig) -> None:
+    client, service, _ = rig
+    body = _notification(3)
+    assert (await client.post("/bitrix24/events", content=body, headers=FORM)).status_code == 200
+    # The portal is uninstalled: the very same body, parsed before, no longer gets in.
+    service.sessions.pop(MEMBER)
+    response = await client.post("/bitrix24/events", content=body, headers=FORM)
+    assert response.status_code == 401
+
+
+async def test_the_parse_cache_is_bounded(rig) -> None:
+    client, _service, _ = rig
+    webhook._parse_cached.cache_clear()
+    for body in (b"event=", b"data=1", b"\xff=1"):  # refused bodies are not kept
+        assert (
+            await client.post("/bitrix24/events", content=body, headers=FORM)
+        ).status_code == 400
+    assert webhook._parse_cached.cache_info().currsize == 0
+    big = _notification(1) + b"&pad=" + b"x" * webhook.CACHED_BODY
+    assert (await client.post("/bitrix24/events", content=big, headers=FORM)).status_code == 200
+    assert webhook._parse_cached.cache_info().currsize == 0  # nor large ones
+    for ts in range(200):
+        await client.post("/bitrix24/events", content=_notification(ts), headers=FORM)
+    info = webhook._parse_cached.cache_info()
+    assert info.currsize == info.maxsize == 64
