@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import logging
 import sys
@@ -96,6 +97,20 @@ def _loop_factory() -> Any:
     return uvloop.new_event_loop
 
 
+# A drain allocates and drops hundreds of thousands of small objects (rows, messages, futures)
+# per second, and the default thresholds (700, 10, 10) then run a full collection every few
+# hundred milliseconds over every module object too: 17 % of a 50,000-event drain's CPU, in
+# 45 ms pauses. With the start-up heap frozen and a larger first generation it is 2 %.
+GC_THRESHOLDS = (20_000, 20, 20)
+
+
+def tune_gc() -> None:
+    """Once everything long-lived is imported: leave it out of collections, collect less often."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 async def _serve(settings: Settings) -> int:
     import uvicorn
 
@@ -103,6 +118,7 @@ async def _serve(settings: Settings) -> int:
     from bridge.server import Server
     from bridge.service import SHUTDOWN_BOUND, Service
 
+    tune_gc()
     service = Service(settings, diadoc=load_diadoc_settings())
     try:
         await service.open()
@@ -131,6 +147,7 @@ async def _serve(settings: Settings) -> int:
 async def _drain(settings: Settings) -> int:
     from bridge.service import Service
 
+    tune_gc()
     service = Service(settings, diadoc=load_diadoc_settings())
     try:
         await service.open()

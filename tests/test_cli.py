@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from bridge import cli
 from bridge.emulator import EmulatorConfig, EmulatorServer
 from tests.harness import Portal, bridge_env
 
@@ -139,3 +141,15 @@ def test_bind_without_anything_to_bind_is_one_line(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0
     assert "BRIDGE_EVENTS" in proc.stderr
+
+
+def test_tune_gc_freezes_the_startup_heap_and_collects_less_often() -> None:
+    before = gc.get_threshold()
+    try:
+        cli.tune_gc()
+        assert gc.get_threshold() == cli.GC_THRESHOLDS
+        assert cli.GC_THRESHOLDS[0] > before[0]
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
