@@ -8,7 +8,6 @@ repeated plain keys wins, and an array whose keys are exactly ``0..n-1`` in orde
 
 from __future__ import annotations
 
-import functools
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -47,24 +46,18 @@ def _encode_value(name: str, value: Any, pairs: list[str]) -> None:
 class _PhpArray:
     """An ordered PHP array: int and str keys, plus the next index ``[]`` appends at."""
 
-    __slots__ = ("is_list", "items", "next_index")
+    __slots__ = ("items", "next_index")
 
     def __init__(self) -> None:
         self.items: dict[int | str, Any] = {}
         self.next_index = 0
-        # Whether the keys are exactly 0..n-1 in order, kept up as keys arrive. A str key is
-        # never an index here: a canonical numeric key has already become an int.
-        self.is_list = True
 
     def set(self, key: int | str | None, value: Any) -> None:
         if key is None:
             key = self.next_index
         if isinstance(key, int) and key >= self.next_index:
             self.next_index = key + 1
-        items = self.items
-        if self.is_list and key not in items and key != len(items):
-            self.is_list = False
-        items[key] = value
+        self.items[key] = value
 
     def child(self, key: int | str | None) -> _PhpArray:
         """The array at ``key``, replacing a scalar there (PHP overwrites it)."""
@@ -75,13 +68,6 @@ class _PhpArray:
         created = _PhpArray()
         self.set(key, created)
         return created
-
-    def plain(self) -> dict[str, Any] | list[Any]:
-        """What PHP's ``json_encode`` makes of it: see :func:`php_array`."""
-        values = [v.plain() if isinstance(v, _PhpArray) else v for v in self.items.values()]
-        if self.is_list:
-            return values
-        return dict(zip(map(str, self.items), values, strict=True))
 
 
 def decode(query: str | bytes, *, max_depth: int = 16, max_keys: int = 1000) -> dict[str, Any]:
@@ -96,13 +82,11 @@ def decode(query: str | bytes, *, max_depth: int = 16, max_keys: int = 1000) -> 
     for pair in pairs:
         raw_name, _, raw_value = pair.partition("=")
         name = _unquote(raw_name)
-        if len(name) <= _CACHED_NAME:
-            path = _parse_cached(name, max_depth)
-        else:
-            path = _parse_name(name, max_depth)
+        value = _unquote(raw_value)
+        path = _parse_name(name, max_depth)
         if path is not None:
-            _assign(root, path, _unquote(raw_value))
-    result = root.plain()
+            _assign(root, path, value)
+    result = _plain(root)
     return result if isinstance(result, dict) else {str(i): v for i, v in enumerate(result)}
 
 
@@ -113,7 +97,7 @@ def _unquote(text: str) -> str:
     return unquote_plus(text)
 
 
-def _parse_name(name: str, max_depth: int) -> tuple[Any, ...] | None:
+def _parse_name(name: str, max_depth: int) -> list[Any] | None:
     """The path of keys a variable name sets, or None when PHP would ignore the variable."""
     name = name.lstrip(" ")
     if "\x00" in name:
@@ -139,13 +123,7 @@ def _parse_name(name: str, max_depth: int) -> tuple[Any, ...] | None:
         if len(path) - 1 > max_depth:
             raise ValueError(f"key nested deeper than {max_depth}")
         rest = rest[close_at + 1 :]
-    return tuple(path)
-
-
-# A portal sends the same few names (``auth[member_id]``...) in every request: short names are
-# parsed once. Bounded in count and length, so hostile names cannot make the cache grow.
-_CACHED_NAME = 64
-_parse_cached = functools.lru_cache(maxsize=512)(_parse_name)
+    return path
 
 
 def _php_key(segment: str) -> int | str:
@@ -156,12 +134,20 @@ def _php_key(segment: str) -> int | str:
     return segment
 
 
-def _assign(root: _PhpArray, path: tuple[Any, ...], value: str) -> None:
+def _assign(root: _PhpArray, path: list[Any], value: str) -> None:
     target = root
     for segment in path[:-1]:
         target = target.child(None if segment is _ARRAY_SEGMENT else segment)
     last = path[-1]
     target.set(None if last is _ARRAY_SEGMENT else last, value)
+
+
+def _plain(array: _PhpArray) -> dict[str, Any] | list[Any]:
+    converted = {
+        key: _plain(item) if isinstance(item, _PhpArray) else item
+        for key, item in array.items.items()
+    }
+    return php_array(converted)
 
 
 def php_array(items: Mapping[Any, Any]) -> dict[str, Any] | list[Any]:

@@ -335,7 +335,7 @@ def test_parsing_an_unauthenticated_body_is_bounded(monkeypatch: pytest.MonkeyPa
     paths: list[int] = []
     assign = phpquery._assign
 
-    def counting(root: object, path: tuple[object, ...], value: str) -> None:
+    def counting(root: object, path: list[object], value: str) -> None:
         paths.append(len(path))
         assign(root, path, value)  # type: ignore[arg-type]
 
