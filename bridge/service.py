@@ -401,16 +401,6 @@ class Service:
             return problem
         if self.state is not None and self.state.write_failure:
             return self.state.write_failure
-        usable = [
-            s
-            for s in self.sessions.values()
-            if s.drainer.stopped is None and s.portal.refresh_token
-        ]
-        if not usable and any(f.stopped is None for f in self.feeds):
-            return None  # a deployment of polled sources only
-        if not usable:
-            stopped = [f"{s.portal.domain}: {s.drainer.stopped}" for s in self.sessions.values()]
-            if stopped:
-                return "no portal with a usable token (" + "; ".join(stopped) + ")"
-            return "no portal installed yet"
+        # A stopped portal is reported (/readyz detail, metrics, status), never a reason to be
+        # unready: this process can still take notifications and publish for the others.
         return None

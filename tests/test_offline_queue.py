@@ -189,3 +189,111 @@ async def test_an_abandoned_reservation_is_found_without_a_poll_tick(
     assert sorted(json.loads(m.body)["EVENT_DATA"]["FIELDS"]["ID"] for m in collector.messages) == [
         str(n) for n in range(10)
     ]
+
+
+async def _reserve_directly(rig: Rig, pages: int) -> list[str]:
+    """Reservations made behind the bridge's back: orphans, as far as it knows."""
+    found = []
+    for _ in range(pages):
+        answer = await rig.client.call(
+            "event.offline.get", {"clear": 0, "limit": 50}, idempotent=False
+        )
+        found.append(answer.result["process_id"])
+    return found
+
+
+async def _calls(rig: Rig, method: str) -> int:
+    counts = (await rig.control.get("/_emulator/calls")).json()
+    return int(counts.get(method, 0))
+
+
+async def test_the_orphan_scan_is_bounded_per_pass_and_resumes(make_rig: Any) -> None:
+    from bridge.orphans import PAGES_PER_PASS
+
+    rig: Rig = await make_rig()
+    events = [{"event": "ONCRMLEADADD", "data": {"FIELDS": {"ID": str(n)}}} for n in range(600)]
+    await rig.control.post("/_emulator/events", json={"events": events})
+    orphans = await _reserve_directly(rig, 12)
+    found: list[str] = []
+    steps = 0
+    while rig.queue.orphans.suspected:
+        before = await _calls(rig, "event.offline.list")
+        found += await rig.queue.orphans.step(set())
+        assert await _calls(rig, "event.offline.list") - before <= PAGES_PER_PASS
+        steps += 1
+        assert steps <= 5, "the scan does not advance"
+    assert sorted(found) == sorted(orphans)
+    assert steps >= 3  # 600 reserved rows, 50 per page: it took several passes
+
+
+async def test_a_tight_list_budget_never_keeps_reservations_from_progress(
+    make_rig: Any, amqp_ns: AmqpNamespace
+) -> None:
+    rig: Rig = await make_rig()
+    collector = await amqp_ns.consume(amqp_ns.exchange("oncrmleadadd"))
+    rig.client.pacer.budget("event.offline.list").banned_until = time.monotonic() + 3600
+    events = [{"event": "ONCRMLEADADD", "data": {"FIELDS": {"ID": str(n)}}} for n in range(80)]
+    await rig.control.post("/_emulator/events", json={"events": events})
+    report = await rig.queue.run_pass(full_check=True)
+    assert report.published == 80
+    assert rig.queue.orphans.suspected  # still owed, for a later pass
+    assert await _calls(rig, "event.offline.list") == 0
+    await collector.wait_for(80)
+
+
+class SpyTransport(httpx.AsyncBaseTransport):
+    def __init__(self) -> None:
+        self.inner = httpx.AsyncHTTPTransport()
+        self.bodies: list[dict[str, Any]] = []
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        method = request.url.path.rsplit("/", 1)[-1].removesuffix(".json")
+        self.bodies.append({"method": method, **json.loads(request.content or b"{}")})
+        return await self.inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_clears_always_name_their_events(make_rig: Any, amqp_ns: AmqpNamespace) -> None:
+    from urllib.parse import parse_qsl
+
+    spy = SpyTransport()
+    rig: Rig = await make_rig(spy)
+    await amqp_ns.consume(amqp_ns.exchange("oncrmleadadd"))
+    events = [{"event": "ONCRMLEADADD", "data": {"FIELDS": {"ID": str(n)}}} for n in range(230)]
+    await rig.control.post("/_emulator/events", json={"events": events})
+    await rig.queue.run_pass(full_check=True)
+    cleared: list[str] = []
+    for body in spy.bodies:
+        queries = []
+        if body["method"] == "event.offline.clear":
+            queries.append(body)
+        for command in (body.get("cmd") or {}).values():
+            path, _, query = command.partition("?")
+            if path == "event.offline.clear":
+                pairs = parse_qsl(query)
+                queries.append({"message_id": [v for k, v in pairs if k.startswith("message_id")]})
+                assert not any(k.startswith("auth_connector") for k, _v in pairs)
+        for query in queries:
+            ids = query.get("message_id")
+            assert ids, "a clear without message_id clears the whole process"
+            assert all(isinstance(i, str) and len(i) == 32 for i in ids)
+            cleared += ids
+    assert len(cleared) == 230
+    queue = (await rig.control.get("/_emulator/queue")).json()
+    assert queue == {"free": 0, "reserved": {}, "errors": 0}
+
+
+async def test_reserved_events_older_than_30_days_are_warned_about(
+    make_rig: Any, amqp_ns: AmqpNamespace, caplog: pytest.LogCaptureFixture
+) -> None:
+    rig: Rig = await make_rig()
+    await amqp_ns.consume(amqp_ns.exchange("oncrmleadadd"))
+    events = [{"event": "ONCRMLEADADD", "data": {"FIELDS": {"ID": str(n)}}} for n in range(3)]
+    await rig.control.post("/_emulator/events", json={"events": events})
+    await rig.control.post("/_emulator/clock", json={"advance": 31 * 86400})
+    await rig.queue.run_pass(full_check=False)
+    warnings = [r for r in caplog.records if "older than 30 days" in r.getMessage()]
+    assert len(warnings) == 1
+    assert warnings[0].events == 3  # type: ignore[attr-defined]
