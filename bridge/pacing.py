@@ -59,6 +59,7 @@ class MethodBudget:
         self._reported_at = -1e18
         self._sent_since = 0.0  # our spending the report does not cover yet
         self._last_probe = -1e18
+        self.reset_at: float | None = None  # when the portal said part of the total goes
         self.banned_until = 0.0
         self.bans = 0
 
@@ -90,11 +91,18 @@ class MethodBudget:
             return 1
         return max(0, min(by_rate, by_total))
 
+    def _probe_at(self) -> float:
+        """When the next probe may go: after ``probe_interval``, or at ``operating_reset_at``
+        (from the last successful answer) if that comes first."""
+        at = max(self._reported_at, self._last_probe) + self.probe_interval
+        if self.reset_at is not None and self.reset_at > self._last_probe:
+            at = min(at, self.reset_at)
+        return at
+
     def _may_probe(self, now: float, cost: float) -> bool:
         # The total may have shrunk since we last heard it; one call costs little next to the
         # margin between the ceiling and the limit, and its answer tells the new total.
-        recent = max(self._reported_at, self._last_probe)
-        return now - recent >= self.probe_interval and self.estimated_total + cost < self.limit
+        return now >= self._probe_at() and self.estimated_total + cost < self.limit
 
     def wait_time(self) -> float:
         """Seconds until one call may fit (a lower bound: ask ``room`` again then)."""
@@ -105,8 +113,7 @@ class MethodBudget:
         cost = max(self.cost, MIN_COST)
         by_rate = max(0.0, (self._level + cost - self.capacity) / self.rate)
         if self.reported is not None and self.estimated_total + cost > self.ceiling:
-            probe_at = max(self._reported_at, self._last_probe) + self.probe_interval
-            return max(by_rate, probe_at - now, 0.05)
+            return max(by_rate, self._probe_at() - now, 0.05)
         return by_rate
 
     def spend(self, calls: int) -> None:
@@ -125,12 +132,15 @@ class MethodBudget:
 
     # -- listening -------------------------------------------------------------------------
 
-    def report(self, totals: Iterable[float], calls: int) -> None:
-        """Running totals from one successful answer (in call order) for ``calls`` calls."""
+    def report(self, totals: Iterable[float], calls: int, reset_in: float | None = None) -> None:
+        """Running totals from one successful answer (in call order) for ``calls`` calls;
+        ``reset_in``: seconds until ``operating_reset_at`` by the portal's own clock."""
         values = [t for t in totals if t >= 0]
         if not values:
             return
         now = self._clock()
+        if reset_in is not None:
+            self.reset_at = now + max(0.0, reset_in)
         total = values[-1]
         if self.reported is not None and now - self._reported_at < 5.0 and calls > 0:
             grown = total - self.reported
@@ -202,22 +212,41 @@ class Pacer:
     ) -> None:
         """Learn from a batch answer: ``methods`` maps command keys to method names."""
         per_method: dict[str, list[float]] = {}
+        resets: dict[str, float] = {}
         calls: dict[str, int] = {}
         for key, method in methods.items():
             calls[method] = calls.get(method, 0) + 1
             info = result_time.get(key)
-            if isinstance(info, dict) and isinstance(info.get("operating"), int | float):
+            if isinstance(info, dict) and _number(info.get("operating")) is not None:
                 per_method.setdefault(method, []).append(float(info["operating"]))
+                reset = _reset_in(info)
+                if reset is not None:
+                    resets[method] = reset
         for method, totals in per_method.items():
-            self.budget(method).report(totals, calls[method])
+            self.budget(method).report(totals, calls[method], resets.get(method))
         if outer is not None:
             self.observe_call("batch", outer)
 
     def observe_call(self, method: str, time_block: Mapping[str, Any]) -> None:
         """Learn from a plain call's successful answer."""
-        total = time_block.get("operating")
-        if isinstance(total, int | float) and not isinstance(total, bool):
-            self.budget(method).report([float(total)], 1)
+        total = _number(time_block.get("operating"))
+        if total is not None:
+            self.budget(method).report([total], 1, _reset_in(time_block))
 
     def banned(self, method: str) -> float:
         return self.budget(method).ban()
+
+
+def _number(value: object) -> float | None:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
+def _reset_in(time_block: Mapping[str, Any]) -> float | None:
+    """Seconds from the answer until ``operating_reset_at``, both by the portal's clock."""
+    reset_at = _number(time_block.get("operating_reset_at"))
+    finish = _number(time_block.get("finish"))
+    if reset_at is None or finish is None:
+        return None
+    return reset_at - finish

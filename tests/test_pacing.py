@@ -123,3 +123,16 @@ def test_costs_are_learned_from_the_portal_totals() -> None:
     budget.report([10.5], 20)
     assert abs(budget.cost - 0.025) < 1e-9
     assert pacer.plan(GET, 0, 100) <= MAX_COMMANDS
+
+
+def test_operating_reset_at_of_the_last_success_brings_the_probe_forward() -> None:
+    clock = Clock()
+    pacer = _pacer(clock, probe_interval=60)
+    pacer.observe_call(GET, {"operating": 410.0, "finish": 5000.0, "operating_reset_at": 5003})
+    budget = pacer.budget(GET)
+    budget.cost = 0.025
+    assert pacer.plan(GET, 0, 25) == 0  # 410 s spent: above the ceiling
+    clock.now += 2.0
+    assert pacer.plan(GET, 0, 25) == 0
+    clock.now += 1.5  # past operating_reset_at: one call to read the new total
+    assert pacer.plan(GET, 0, 25) == 1
