@@ -47,6 +47,10 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "demo", help="emulator + bridge + RabbitMQ consumer, showing events flow", add_help=False
     )
+    asyncapi = sub.add_parser(
+        "asyncapi", help="print the AsyncAPI 3.0 document of the messages the bridge publishes"
+    )
+    asyncapi.add_argument("--format", choices=("yaml", "json"), default="yaml")
     return parser
 
 
@@ -74,6 +78,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(_status(settings, as_json=args.json, offline=args.offline))
         if args.command == "bind":
             return _run(_bind(settings))
+        if args.command == "asyncapi":
+            from bridge.asyncapi import build, load_diadoc_layout, render
+
+            sys.stdout.write(render(build(settings, load_diadoc_layout()), args.format))
+            return 0
     except BridgeError as exc:
         print(f"bitrix24-bridge: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
