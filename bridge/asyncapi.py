@@ -51,7 +51,9 @@ def load_diadoc_layout(env: dict[str, str] | None = None) -> DiadocLayout:
         if env is None:
             return DiadocLayout()
         prefix = "BRIDGE_DIADOC_"
-        values = {k[len(prefix) :].lower(): v for k, v in env.items() if k.startswith(prefix)}
+        values: dict[str, Any] = {
+            k[len(prefix) :].lower(): v for k, v in env.items() if k.startswith(prefix)
+        }
         return DiadocLayout(**{"_env_file": None, **values})
     except ValidationError as exc:
         raise ConfigError(_describe_diadoc(exc)) from None
@@ -90,9 +92,7 @@ def build(settings: Settings, diadoc: DiadocSettings) -> Document:
         "operations": operations,
         "components": {
             "messages": messages,
-            "securitySchemes": {
-                "user": {"type": "userPassword", "description": "a RabbitMQ user"}
-            },
+            "securitySchemes": {"user": {"type": "userPassword", "description": "a RabbitMQ user"}},
         },
     }
 
@@ -224,7 +224,9 @@ def _operation(channel_id: str, message_id: str) -> Document:
     }
 
 
-def _message(name: str, title: str, headers: Document, payload: Document, props: Document) -> Any:
+def _message(
+    name: str, title: str, headers: Document, payload: Document, props: Document
+) -> Document:
     return {
         "name": name,
         "title": title,

@@ -14,6 +14,14 @@ Schema = dict[str, Any]
 APP_ID = "bitrix24-bridge"
 MD5_HEX = "^[0-9a-f]{32}$"
 # Bitrix24's TIMESTAMP_X: ISO 8601, whole seconds, with the portal's offset.
+BITRIX24_FIELDS = (
+    "ID",
+    "TIMESTAMP_X",
+    "EVENT_NAME",
+    "EVENT_DATA",
+    "EVENT_ADDITIONAL",
+    "MESSAGE_ID",
+)
 ISO_SECONDS = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(Z|[+-]\d{2}:\d{2})$"
 
 
@@ -94,8 +102,7 @@ def bitrix24_payload(event: str) -> Schema:
     # stays open.
     return {
         "type": "object",
-        "required": ["ID", "TIMESTAMP_X", "EVENT_NAME", "EVENT_DATA", "EVENT_ADDITIONAL"]
-        + ["MESSAGE_ID"],
+        "required": list(BITRIX24_FIELDS),
         "properties": {
             "ID": {
                 "type": ["string", "integer"],
