@@ -25,7 +25,7 @@ from bridge.errors import ConfigError
 from bridge.settings import Settings
 
 Document = dict[str, Any]
-BINDING_VERSION = "0.3.0"
+BINDING_VERSION = schemas.BINDING_VERSION
 SERVER = "rabbitmq"
 
 DESCRIPTION = """\
@@ -67,11 +67,11 @@ def build(settings: Settings, diadoc: DiadocSettings) -> Document:
     messages: Document = {}
     for event in dict.fromkeys(e.upper() for e in settings.events):
         channel_id = "bitrix24-" + re.sub(r"[^A-Za-z0-9_-]", "_", event.lower())
-        messages[event] = _bitrix24_message(event, settings.auth_connector)
+        messages[event] = schemas.bitrix24_message(event, settings.auth_connector)
         channels[channel_id] = _bitrix24_channel(event, settings, vhost)
         operations[f"send-{channel_id}"] = _operation(channel_id, event)
     if diadoc.enabled:
-        messages["diadoc-event"] = _diadoc_message()
+        messages["diadoc-event"] = schemas.diadoc_message()
         channels["diadoc"] = _diadoc_channel(diadoc, settings.unrouted_exchange, vhost)
         operations["send-diadoc"] = _operation("diadoc", "diadoc-event")
     channels["unrouted"] = _unrouted_channel(settings.unrouted_exchange, list(messages), vhost)
@@ -222,39 +222,3 @@ def _operation(channel_id: str, message_id: str) -> Document:
             }
         },
     }
-
-
-def _message(
-    name: str, title: str, headers: Document, payload: Document, props: Document
-) -> Document:
-    return {
-        "name": name,
-        "title": title,
-        "contentType": "application/json",
-        "headers": headers,
-        "payload": payload,
-        "x-amqp-properties": props,
-        "bindings": {"amqp": {"messageType": name, "bindingVersion": BINDING_VERSION}},
-    }
-
-
-def _bitrix24_message(event: str, connector: str) -> Document:
-    return _message(
-        event,
-        f"Bitrix24 {event}",
-        schemas.bitrix24_headers(event, connector),
-        schemas.bitrix24_payload(event),
-        schemas.bitrix24_properties(event),
-    )
-
-
-def _diadoc_message() -> Document:
-    message: Document = _message(
-        "diadoc-event",
-        "Diadoc docflow event",
-        schemas.diadoc_headers(),
-        schemas.diadoc_payload(),
-        schemas.diadoc_properties(),
-    )
-    del message["bindings"]  # its AMQP type is the document type, not one fixed value
-    return message

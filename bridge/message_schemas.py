@@ -1,4 +1,5 @@
-"""JSON Schemas (draft-07) of what the bridge publishes: AMQP properties, headers and body.
+"""JSON Schemas (draft-07) of what the bridge publishes: AMQP properties, headers and body, and
+the AsyncAPI message objects that carry them.
 
 They describe ``bridge/messages.py`` (Bitrix24) and ``bridge/diadoc/messages.py`` (Diadoc); the
 AsyncAPI document embeds them, and the tests hold real published messages against them, so a
@@ -12,6 +13,7 @@ from typing import Any
 Schema = dict[str, Any]
 
 APP_ID = "bitrix24-bridge"
+BINDING_VERSION = "0.3.0"  # of AsyncAPI's AMQP bindings
 MD5_HEX = "^[0-9a-f]{32}$"
 # Bitrix24's TIMESTAMP_X: ISO 8601, whole seconds, with the portal's offset.
 BITRIX24_FIELDS = (
@@ -199,3 +201,42 @@ def diadoc_payload() -> Schema:
             "PreviousDocumentState": {"type": "object"},
         },
     }
+
+
+# -- as AsyncAPI message objects ----------------------------------------------------------------
+
+
+def _message(name: str, title: str, headers: Schema, payload: Schema, props: Schema) -> Schema:
+    # AsyncAPI's `headers` are the application headers (the AMQP headers table); the basic
+    # properties have no field of their own, hence the `x-amqp-properties` extension.
+    return {
+        "name": name,
+        "title": title,
+        "contentType": "application/json",
+        "headers": headers,
+        "payload": payload,
+        "x-amqp-properties": props,
+    }
+
+
+def bitrix24_message(event: str, connector: str) -> Schema:
+    message = _message(
+        event,
+        f"Bitrix24 {event}",
+        bitrix24_headers(event, connector),
+        bitrix24_payload(event),
+        bitrix24_properties(event),
+    )
+    message["bindings"] = {"amqp": {"messageType": event, "bindingVersion": BINDING_VERSION}}
+    return message
+
+
+def diadoc_message() -> Schema:
+    # No AMQP messageType: it is the document type, which varies.
+    return _message(
+        "diadoc-event",
+        "Diadoc docflow event",
+        diadoc_headers(),
+        diadoc_payload(),
+        diadoc_properties(),
+    )
