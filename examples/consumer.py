@@ -12,9 +12,10 @@ What it does, and why:
   ``alternate-exchange`` = the unrouted exchange), so either side may start first.
 * Processes each message once by its ``message_id``. The bridge delivers at least once: it
   removes an event from its source (Bitrix24's ``event.offline.clear``, the Diadoc cursor) only
-  after RabbitMQ confirmed it, so a crash or a failed call between the confirm and the removal
-  publishes that page again, with the same ``message_id``. RabbitMQ also redelivers what a
-  consumer received but had not acknowledged when it died.
+  after RabbitMQ confirmed it, so a crash between the confirm and the removal, a confirm lost
+  on its way back, or a lost state file publishes that page again, with the same
+  ``message_id``. RabbitMQ also redelivers what a consumer received but had not acknowledged
+  when it died.
 * Records the ``message_id`` and runs ``handle()`` in one SQLite transaction, then acknowledges.
   A crash before the commit leaves nothing behind (the redelivery is processed); a crash after
   it is caught by the record (the redelivery is skipped). Keep your effect in that transaction
