@@ -33,8 +33,9 @@ Bitrix24 offline events (and Kontur Diadoc docflow events, when configured) as R
 messages. Delivery is at least once: an event is removed from its source only after RabbitMQ
 confirmed it, so a crash between the confirm and the removal, a lost confirm or a lost state
 file publishes it again, with the same `message_id`, when the bridge restarts or retries
-(within minutes). Consumers de-duplicate on `message_id`. Order is kept within one portal (and within one Diadoc box).
-Messages no queue is bound for go to the unrouted exchange's queue instead of being dropped.
+(within minutes). Consumers de-duplicate on `message_id`. Order is kept within one portal (and
+within one Diadoc box). Messages no queue is bound for go to the unrouted exchange's queue
+instead of being dropped.
 """
 
 
