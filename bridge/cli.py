@@ -57,6 +57,10 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "demo", help="emulator + bridge + RabbitMQ consumer, showing events flow", add_help=False
     )
+    asyncapi = sub.add_parser(
+        "asyncapi", help="print the AsyncAPI 3.0 document of the messages the bridge publishes"
+    )
+    asyncapi.add_argument("--format", choices=("yaml", "json"), default="yaml")
     return parser
 
 
@@ -86,6 +90,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(_bind(settings))
         if args.command == "parked":
             return _run(_parked(settings, as_json=args.json, replay=args.replay))
+        if args.command == "asyncapi":
+            from bridge.asyncapi import build, load_diadoc_layout, render
+
+            sys.stdout.write(render(build(settings, load_diadoc_layout()), args.format))
+            return 0
     except BridgeError as exc:
         print(f"bitrix24-bridge: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
