@@ -23,7 +23,9 @@ from bridge.upstream import PortalClient
 log = logging.getLogger(__name__)
 
 LIST = "event.offline.list"
-PAGES_PER_PASS = 4  # of 50 rows each
+# Of 50 rows each. A crash mid-batch can orphan a whole batch of reservations (25 pages of 50
+# rows); a pass finds up to 1,000 reserved rows and the next pass goes on from there.
+PAGES_PER_PASS = 20
 RETRY_SPACING = 5.0  # seconds between passes that only owe the scan
 
 
@@ -57,9 +59,10 @@ class OrphanScan:
 
     @property
     def due_at(self) -> float | None:
-        """When a pass should run to finish looking after an abandoned request, even without a
-        notification or a poll tick (``BRIDGE_POLL_INTERVAL=0``); None when nothing is owed."""
-        if not self.suspected or not self._until:
+        """When a pass should run to go on looking, even without a notification or a poll
+        tick (``BRIDGE_POLL_INTERVAL=0``): while a sweep is unfinished, and after an abandoned
+        request until a sweep has run late enough. None when nothing is owed."""
+        if not self.suspected:
             return None
         return max(self._until, self._last_step + RETRY_SPACING)
 

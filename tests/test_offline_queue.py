@@ -207,13 +207,17 @@ async def _calls(rig: Rig, method: str) -> int:
     return int(counts.get(method, 0))
 
 
-async def test_the_orphan_scan_is_bounded_per_pass_and_resumes(make_rig: Any) -> None:
+async def test_the_orphan_scan_is_bounded_per_pass_and_resumes(
+    make_rig: Any, amqp_ns: AmqpNamespace
+) -> None:
     from bridge.orphans import PAGES_PER_PASS
 
     rig: Rig = await make_rig()
-    events = [{"event": "ONCRMLEADADD", "data": {"FIELDS": {"ID": str(n)}}} for n in range(600)]
+    collector = await amqp_ns.consume(amqp_ns.exchange("oncrmleadadd"))
+    rows = 50 * PAGES_PER_PASS * 2 + 400  # more reserved rows than two passes look at
+    events = [{"event": "ONCRMLEADADD", "data": {"FIELDS": {"ID": str(n)}}} for n in range(rows)]
     await rig.control.post("/_emulator/events", json={"events": events})
-    orphans = await _reserve_directly(rig, 12)
+    orphans = await _reserve_directly(rig, rows // 50)
     found: list[str] = []
     steps = 0
     while rig.queue.orphans.suspected:
@@ -223,7 +227,21 @@ async def test_the_orphan_scan_is_bounded_per_pass_and_resumes(make_rig: Any) ->
         steps += 1
         assert steps <= 5, "the scan does not advance"
     assert sorted(found) == sorted(orphans)
-    assert steps >= 3  # 600 reserved rows, 50 per page: it took several passes
+    assert steps == 3  # it went on where the previous step stopped
+
+    # And driven by the drain loop alone (no poll tick, no notification): a fresh bridge finds
+    # every orphan, pass after pass, and drains them.
+    fresh: Rig = await make_rig()
+    await fresh.control.post("/_emulator/events", json={"events": events})
+    await _reserve_directly(fresh, rows // 50)
+    drainer = Drainer(fresh.queue, metrics=Metrics())
+    drainer.start()
+    try:
+        await collector.wait_for(rows, timeout=60)
+    finally:
+        await drainer.stop(1)
+    assert drainer.passes >= 3
+    assert (await fresh.control.get("/_emulator/queue")).json()["reserved"] == {}
 
 
 async def test_a_tight_list_budget_never_keeps_reservations_from_progress(

@@ -71,6 +71,12 @@ async def run(ctx: Context, result: Result) -> None:
                 break
             await asyncio.sleep(0.2)
         await asyncio.sleep(1.0)  # late duplicates, if any, arrive now
+        final = await emulator.queue()
+        if len(seen) < count:
+            result.notes.append(
+                f"portal queue at the end: free={final['free']} "
+                f"reserved={sum(final['reserved'].values())} errors={final.get('errors')}"
+            )
     finally:
         if bridge is not None:
             await bridge.stop()
