@@ -36,6 +36,12 @@ say "installing the project (.[${extra}])"
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 .venv/bin/python -m pip install -q -e ".[${extra}]"
 
+# The emulator's PHP-compatible parsing is checked against a real PHP's answers.
+if ! command -v php >/dev/null; then
+    say "installing php-cli"
+    apt_install php-cli
+fi
+
 broker_up() {
     .venv/bin/python - <<'PY'
 import socket, sys
