@@ -43,7 +43,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rate-burst", type=int, default=50, help="leaky bucket size")
     parser.add_argument("--token-ttl", type=float, default=3600.0, help="access token life (s)")
     parser.add_argument(
-        "--operating-budget", type=float, default=480.0, help="operating seconds per method/10 min"
+        "--operating-limit",
+        "--operating-budget",  # the former name
+        dest="operating_limit",
+        type=float,
+        default=420.0,
+        help="operating seconds per method per 10 minutes; above it the method is banned "
+        "for 300 s (480 on older portals)",
+    )
+    parser.add_argument(
+        "--cleanup-interval",
+        type=float,
+        default=86400.0,
+        help="seconds between runs of the queue's cleanup agent (deletes events older than "
+        "2,952,000 s)",
     )
     parser.add_argument(
         "--op-cost-per-call", type=float, default=0.0, help="modelled operating seconds per call"
@@ -78,7 +91,8 @@ def config_from(args: argparse.Namespace) -> EmulatorConfig:
         rate_limit=args.rate_limit or None,
         rate_burst=args.rate_burst,
         token_ttl=args.token_ttl,
-        operating_budget=args.operating_budget,
+        operating_limit=args.operating_limit,
+        cleanup_interval=args.cleanup_interval,
         op_cost_per_call=args.op_cost_per_call,
         op_cost_per_row=args.op_cost_per_row,
         latency_ms=args.latency_ms,

@@ -95,7 +95,8 @@ def _register(root: _Array, name: bytes, value: bytes) -> None:
     if bracket < 0:
         root.put(_key(head), value)
         return
-    target, index, pos = root, _key(head), bracket  # pos: at a '['
+    target, pos = root, bracket  # pos: at a '['
+    index: int | bytes | None = _key(head)
     for depth in range(1, MAX_DEPTH + 2):
         if depth > MAX_DEPTH:
             root.items.pop(_key(head), None)  # PHP deletes the whole variable, earlier parts too

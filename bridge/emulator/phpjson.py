@@ -20,7 +20,25 @@ from bridge.emulator.phpform import php_array
 
 __all__ = ["encode", "message_id", "php_value"]
 
-_STRING = json.encoder.encode_basestring  # type: ignore[attr-defined]
+_STRING = json.encoder.encode_basestring
+
+
+def _refuse(value: Any) -> Any:
+    raise TypeError(f"{type(value).__name__} cannot be JSON-encoded")
+
+
+# One C encoder made once: JSONEncoder.encode builds a new one per call, the most of its cost.
+_C_ENCODER = getattr(json.encoder, "c_make_encoder", None)
+if _C_ENCODER is not None:
+    _chunks = _C_ENCODER(None, _refuse, _STRING, None, ":", ",", False, False, False)
+
+    def _compact(value: Any) -> str:
+        return "".join(_chunks(value, 0))
+
+else:  # pragma: no cover - CPython always has it
+
+    def _compact(value: Any) -> str:
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 # What Python's string encoder leaves raw but PHP escapes.
 _RAW = str.maketrans(
     {
@@ -36,6 +54,7 @@ _RAW = str.maketrans(
 # Escape pairs, matched left to right: an escaped backslash never starts an escaped quote.
 _ESCAPE = re.compile(r"\\.")
 _SURROGATE = re.compile("[\ud800-\udfff]")
+_SPECIAL = re.compile('[/<>&\'\u2028\u2029\ud800-\udfff]|\\\\"')
 
 
 def php_value(value: Any) -> Any:
@@ -49,6 +68,22 @@ def php_value(value: Any) -> Any:
 
 def encode(value: Any) -> str:
     """``Json::encode(value)`` for a value already in PHP's shape (see :func:`php_value`)."""
+    if _has_float(value):
+        return _encode(value)
+    # Python's own encoder writes the same bytes but for characters only strings can hold.
+    return _escaped(_compact(value))
+
+
+def _has_float(value: Any) -> bool:
+    kind = type(value)
+    if kind is dict:
+        return any(_has_float(item) for item in value.values())
+    if kind is list:
+        return any(_has_float(item) for item in value)
+    return kind is float
+
+
+def _encode(value: Any) -> str:
     if isinstance(value, str):
         return _string(value)
     if value is None or isinstance(value, bool):
@@ -60,20 +95,28 @@ def encode(value: Any) -> str:
     if isinstance(value, Mapping):
         if not value:
             return "[]"  # an empty PHP array
-        inner = ",".join(f"{_string(str(k))}:{encode(v)}" for k, v in value.items())
+        inner = ",".join(f"{_string(str(k))}:{_encode(v)}" for k, v in value.items())
         return "{" + inner + "}"
     if isinstance(value, list | tuple):
-        return "[" + ",".join(encode(item) for item in value) + "]"
+        return "[" + ",".join(_encode(item) for item in value) + "]"
     raise TypeError(f"{type(value).__name__} cannot be JSON-encoded")
 
 
 def _string(text: str) -> str:
+    quoted: str = _STRING(text)
+    return _escaped(quoted)
+
+
+def _escaped(text: str) -> str:
+    """PHP's escapes for what Python's encoder wrote (inside strings: nothing else changes)."""
+    if _SPECIAL.search(text) is None:
+        return text
+    text = text.translate(_RAW)
     if _SURROGATE.search(text):
         text = _SURROGATE.sub("\ufffd", text)  # JSON_INVALID_UTF8_SUBSTITUTE
-    quoted: str = _STRING(text).translate(_RAW)
-    if '\\"' not in quoted[1:-1]:
-        return quoted
-    return _ESCAPE.sub(lambda m: "\\u0022" if m.group() == '\\"' else m.group(), quoted)
+    if '\\"' not in text:
+        return text
+    return _ESCAPE.sub(lambda m: "\\u0022" if m.group() == '\\"' else m.group(), text)
 
 
 def _float(number: float) -> str:
@@ -100,5 +143,5 @@ def _float(number: float) -> str:
 
 
 def message_id(event_name: str, data: Any) -> str:
-    serialized = f"{event_name}|{encode(data)}"
-    return hashlib.md5(serialized.encode("utf-8"), usedforsecurity=False).hexdigest()
+    serialized = event_name + "|" + encode(data)
+    return hashlib.md5(serialized.encode(), usedforsecurity=False).hexdigest()
