@@ -36,7 +36,7 @@ _ALPHABET = [
     "%00",
     "%C3%A9",
     "x",
-]  # noqa: E501
+]
 
 
 def generated(count: int, seed: int = 12) -> list[str]:

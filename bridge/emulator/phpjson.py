@@ -39,6 +39,8 @@ else:  # pragma: no cover - CPython always has it
 
     def _compact(value: Any) -> str:
         return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
 # What Python's string encoder leaves raw but PHP escapes.
 _RAW = str.maketrans(
     {
@@ -54,7 +56,7 @@ _RAW = str.maketrans(
 # Escape pairs, matched left to right: an escaped backslash never starts an escaped quote.
 _ESCAPE = re.compile(r"\\.")
 _SURROGATE = re.compile("[\ud800-\udfff]")
-_SPECIAL = re.compile('[/<>&\'\u2028\u2029\ud800-\udfff]|\\\\"')
+_SPECIAL = re.compile("[/<>&'\u2028\u2029\ud800-\udfff]|\\\\\"")
 
 
 def php_value(value: Any) -> Any:
