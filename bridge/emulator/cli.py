@@ -73,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--auto-bind", action="store_true", help="queue every event, bound offline or not"
     )
+    parser.add_argument(
+        "--tls-cert",
+        metavar="PEM",
+        help="serve HTTPS with this certificate (for clients that only speak https)",
+    )
+    parser.add_argument("--tls-key", metavar="PEM", help="the certificate's private key")
     parser.add_argument("--client-id", help="fixed client id (default: random)")
     parser.add_argument("--client-secret", help="fixed client secret (default: random)")
     parser.add_argument("--application-token", help="fixed application token (default: random)")
@@ -98,6 +104,8 @@ def config_from(args: argparse.Namespace) -> EmulatorConfig:
         latency_ms=args.latency_ms,
         offline_extended=not args.no_offline_extended,
         auto_bind=args.auto_bind,
+        tls_certfile=args.tls_cert,
+        tls_keyfile=args.tls_key,
     )
     for name in ("client_id", "client_secret", "application_token", "member_id"):
         value = getattr(args, name)
@@ -118,6 +126,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         ).start()
     except OSError as exc:
         print(f"emulator: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return 1
+    except RuntimeError as exc:  # uvicorn refused to start (a bad --tls-cert, say)
+        print(f"emulator: {exc}", file=sys.stderr)
         return 1
     portal = server.portal
     assert portal is not None

@@ -70,6 +70,10 @@ class EmulatorConfig:
     clock: Callable[[], float] = time.time
     # The host clients reach the portal by, when it listens on a wildcard address.
     public_host: str | None = None
+    # Serve HTTPS with this certificate and key (PEM files): for clients that only speak https,
+    # such as Bitrix24's own SDKs.
+    tls_certfile: str | None = None
+    tls_keyfile: str | None = None
     # How often the queue's cleanup agent runs, in portal seconds (it also runs on demand).
     cleanup_interval: float = 86400.0
     # The former name of operating_limit, still accepted.
@@ -87,8 +91,12 @@ class EmulatorConfig:
         return f"{host}:{self.port}"
 
     @property
+    def scheme(self) -> str:
+        return "https" if self.tls_certfile else "http"
+
+    @property
     def base_url(self) -> str:
-        return f"http://{self.domain}"
+        return f"{self.scheme}://{self.domain}"
 
     @property
     def client_endpoint(self) -> str:
