@@ -37,7 +37,7 @@ say "installing the project (.[${extra}])"
 .venv/bin/python -m pip install -q -e ".[${extra}]"
 
 # The emulator's PHP-compatible parsing is checked against a real PHP's answers.
-if ! command -v php >/dev/null; then
+if [ "$extra" = dev ] && ! command -v php >/dev/null; then
     say "installing php-cli"
     apt_install php-cli
 fi
