@@ -41,6 +41,11 @@ if [ "$extra" = dev ] && ! command -v npm >/dev/null; then
     say "installing nodejs and npm"
     apt_install nodejs npm
 fi
+# The emulator's PHP-compatible parsing is checked against a real PHP's answers.
+if [ "$extra" = dev ] && ! command -v php >/dev/null; then
+    say "installing php-cli"
+    apt_install php-cli
+fi
 
 broker_up() {
     .venv/bin/python - <<'PY'

@@ -1,4 +1,8 @@
-"""``batch``: references, halt, limits, PHP-shaped answers."""
+"""``batch``: references, halt, limits, the request's connector, PHP-shaped answers.
+
+Source: ``CRestProvider::methodsBatch`` (``rest/classes/general/rest_provider.php``) and
+``CRestServerBatchItem`` (``rest/classes/general/rest.php``) in ``yuliai/bitrix-modules``.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from bridge import phpquery
 from bridge.emulator import EmulatorServer, FakeClock
+from bridge.emulator.phpform import http_build_query
 from tests.plugins.emulator import EmulatorFactory, PortalClient
 
 LEAD = "ONCRMLEADADD"
@@ -67,7 +71,7 @@ def test_url_encoded_values_and_encoder_output(client: PortalClient) -> None:
         "process_id": reserved["process_id"],
         "message_id": [e["MESSAGE_ID"] for e in reserved["events"]],
     }
-    body = batch(client, [f"event.offline.clear?{phpquery.encode(params)}"])
+    body = batch(client, [f"event.offline.clear?{http_build_query(params)}"])
     assert body["result"]["result"] == [True]  # list cmd, keys 0..n-1: a JSON list
     assert client.queue()["reserved"] == {}
 
@@ -89,10 +93,27 @@ def test_total_and_next_references(client: PortalClient) -> None:
     assert result["result"]["third"] == []
 
 
-def test_more_than_fifty_commands_are_refused(client: PortalClient) -> None:
-    answer = client.post("batch", {"cmd": ["app.info"] * 51})
-    assert answer.json()["error"] == "ERROR_BATCH_LENGTH_EXCEEDED"
-    assert len(batch(client, ["app.info"] * 50)["result"]["result"]) == 50
+def test_commands_past_the_fiftieth_fail_one_by_one(client: PortalClient) -> None:
+    cmd = {f"c{i}": "app.info" for i in range(52)}
+    body = batch(client, cmd)["result"]  # still HTTP 200
+    assert list(body["result"]) == [f"c{i}" for i in range(50)]
+    assert body["result_error"] == {
+        f"c{i}": {
+            "error": "ERROR_BATCH_LENGTH_EXCEEDED",
+            "error_description": "Max batch length exceeded",
+        }
+        for i in (50, 51)
+    }
+    assert client.stats()["calls"]["app.info"] == 50
+    halted = batch(client, ["app.info"] * 52, halt=1)["result"]
+    assert len(halted["result"]) == 50
+    assert list(halted["result_error"]) == ["50"]
+
+
+def test_commands_that_are_not_strings_are_skipped(client: PortalClient) -> None:
+    body = batch(client, {"a": "app.info", "b": ["app.info"], "c": "app.info"})["result"]
+    assert set(body["result"]) == {"a", "c"}
+    assert body["result_error"] == []
 
 
 def test_nested_batch_is_refused_per_command(client: PortalClient) -> None:
@@ -131,12 +152,73 @@ def test_limits_inside_a_batch_are_reported_per_command(
     portal_client_factory: Callable[[EmulatorServer], PortalClient],
 ) -> None:
     client = portal_client_factory(
-        emulator_factory(clock=FakeClock(), op_cost_per_call=200, operating_budget=480)
+        emulator_factory(clock=FakeClock(), op_cost_per_call=200, operating_limit=420)
     )
     body = batch(client, ["event.offline.list"] * 4 + ["app.info"])["result"]
     assert list(body["result"]) == ["0", "1", "2", "4"]  # a gap: a JSON object, not a list
-    error = body["result_error"]["3"]
-    assert error["error"] == "OPERATION_TIME_LIMIT"
-    times = body["result_time"]  # every command has a time: keys 0..4, so a JSON list
-    assert times[3]["operating_reset_at"] > times[3]["start"]
-    assert times[2]["operating"] == pytest.approx(600, abs=1)
+    assert body["result_error"]["3"]["error"] == "OPERATION_TIME_LIMIT"
+    times = body["result_time"]  # the failed command has no time
+    assert list(times) == ["0", "1", "2", "4"]
+    assert times["2"]["operating"] == pytest.approx(600, abs=1)
+    assert times["2"]["operating_reset_at"] > times["2"]["start"]
+
+
+def test_the_connector_is_the_batch_requests_not_the_commands(
+    emulator_factory: EmulatorFactory,
+    portal_client_factory: Callable[[EmulatorServer], PortalClient],
+) -> None:
+    """``auth_connector`` is read from the outer request only (``Auth::$authQueryAdditional``);
+    inside ``batch`` the outer auth parameters overwrite a command's and the offline methods
+    take the connector from ``$server->getAuthData()`` (``rest/lib/api/event.php``)."""
+    client = portal_client_factory(emulator_factory(auto_bind=True))
+    client.add({"event": LEAD, "data": {"FIELDS": {"ID": "plain"}}})
+    client.add({"event": LEAD, "data": {"FIELDS": {"ID": "crm"}}}, connector="crm")
+    ids = lambda r: [e["EVENT_DATA"]["FIELDS"]["ID"] for e in r["events"]]  # noqa: E731
+
+    # A connector inside the command is ignored: the connector-less queue is read.
+    inside = batch(client, {"get": "event.offline.get?clear=0&auth_connector=crm"})["result"]
+    assert ids(inside["result"]["get"]) == ["plain"]
+    assert client.queue("crm")["reserved"] == {}
+
+    # The batch request's own connector applies to every command, whatever they say.
+    answer = client.post(
+        "batch",
+        {
+            "auth_connector": "crm",
+            "cmd": {
+                "get": "event.offline.get?clear=0&auth_connector=",
+                "list": "event.offline.list",
+                "clear": "event.offline.clear?process_id=$result[get][process_id]",
+            },
+        },
+    ).json()["result"]
+    assert ids(answer["result"]["get"]) == ["crm"]
+    assert [row["EVENT_DATA"]["FIELDS"]["ID"] for row in answer["result"]["list"]] == ["crm"]
+    assert answer["result"]["clear"] is True
+    assert client.queue("crm") == {"free": 0, "reserved": {}, "errors": 0}
+    assert client.queue("")["free"] == 0
+    assert len(client.queue("")["reserved"]) == 1  # the first batch's, untouched
+
+
+def test_a_reference_walks_as_far_as_its_keys_exist(client: PortalClient) -> None:
+    """``CRestUtil::processBatchElement``: a missing key stops the walk where it is."""
+    body = batch(
+        client,
+        {
+            "get": "event.offline.get?clear=0&limit=1",
+            "whole": "event.offline.list?filter[ID]=$result[get][events][0][ID]",
+            "text": "event.offline.list?filter[%25EVENT_NAME]=x$result[get][events][0][ID]",
+            "stuck": "event.offline.clear?process_id=$result[get][nothing]",
+        },
+    )["result"]
+    assert [r["ID"] for r in body["result"]["whole"]] == ["1"]
+    assert body["result_total"]["text"] == 0  # "x1" is in no event name
+    # $result[get][nothing] stops at $result[get]: an array, which is no process_id.
+    assert body["result_error"]["stuck"]["error"] == "ERROR_ARGUMENT"
+    assert client.queue()["reserved"] != {}
+
+
+def test_command_methods_are_taken_as_written(client: PortalClient) -> None:
+    body = batch(client, {"json": "app.info.json", "upper": "APP.INFO"})["result"]
+    assert body["result_error"]["json"]["error"] == "ERROR_METHOD_NOT_FOUND"
+    assert "upper" in body["result"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from bridge.emulator import EmulatorServer
 from tests.plugins.emulator import PortalClient
 
@@ -30,6 +32,34 @@ def test_bind_refuses_nonsense(portal: PortalClient) -> None:
     assert portal.call("event.bind", offline_notifier)["error"] == "ERROR_ARGUMENT"
     assert portal.call("event.bind", {"event": "ONCRMLEADADD"})["error"] == "ERROR_ARGUMENT"
     assert portal.call("event.bind", {})["error"] == "ERROR_ARGUMENT"
+
+
+@pytest.mark.parametrize(
+    ("url", "code"),
+    [
+        ("http://localhost:8080/bitrix24/events", "ERROR_WRONG_HANDLER_URL"),
+        ("http://bridge:8080/bitrix24/events", "ERROR_WRONG_HANDLER_URL"),
+        ("http://[::1]:8080/bitrix24/events", "ERROR_WRONG_HANDLER_URL"),
+        ("http://.example/events", "ERROR_WRONG_HANDLER_URL"),
+        ("bridge.example.com/events", "ERROR_WRONG_HANDLER_URL"),
+        ("ftp://bridge.example.com/events", "ERROR_UNSUPPORTED_PROTOCOL"),
+    ],
+)
+def test_a_handler_url_needs_a_dotted_host_and_http(
+    portal: PortalClient, url: str, code: str
+) -> None:
+    """``HandlerHelper::checkCallback`` (``rest/lib/handlerhelper.php``): the host must hold a
+    dot after its first character; only then is the scheme checked."""
+    answer = portal.post("event.bind", {"event": "ONOFFLINEEVENT", "handler": url})
+    assert (answer.status_code, answer.json()["error"]) == (400, code)
+    assert portal.result("event.get") == []
+
+
+@pytest.mark.parametrize(
+    "url", ["http://127.0.0.1:9/hook", "https://b24-bridge.example.com/bitrix24/events"]
+)
+def test_dotted_handlers_are_accepted(portal: PortalClient, url: str) -> None:
+    assert portal.result("event.bind", {"event": "ONOFFLINEEVENT", "handler": url}) is True
 
 
 def test_feature_and_app_info(portal: PortalClient) -> None:

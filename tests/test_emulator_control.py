@@ -98,16 +98,60 @@ def test_command_line_options() -> None:
             "0.0003",
             "--client-id",
             "local.x",
+            "--operating-limit",
+            "480",
+            "--cleanup-interval",
+            "60",
+            "--tls-cert",
+            "cert.pem",
+            "--tls-key",
+            "key.pem",
         ]
     )
     config = config_from(args)
     assert config.handler_url == "http://127.0.0.1:9/hook"
     assert (config.min_timeout, config.rate_limit, config.rate_burst) == (3, None, 250)
     assert (config.token_ttl, config.op_cost_per_row, config.client_id) == (60, 0.0003, "local.x")
+    assert (config.operating_limit, config.cleanup_interval) == (480, 60)
+    assert (config.tls_certfile, config.tls_keyfile, config.scheme) == (
+        "cert.pem",
+        "key.pem",
+        "https",
+    )
+    defaults = config_from(build_parser().parse_args([]))
+    assert (defaults.operating_limit, defaults.scheme) == (420, "http")
+    # The former spelling still works.
+    assert (
+        config_from(build_parser().parse_args(["--operating-budget", "300"])).operating_limit == 300
+    )
 
 
 def test_command_line_help(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         build_parser().parse_args(["--help"])
     assert exit_info.value.code == 0
-    assert "--min-timeout" in capsys.readouterr().out
+    shown = capsys.readouterr().out
+    every_option = {
+        option
+        for action in build_parser()._actions
+        for option in action.option_strings
+        if option.startswith("--")
+    }
+    assert every_option <= set(shown.replace(",", " ").split())
+    assert "300 s" in shown  # the ban is explained where the limit is
+
+
+def test_stats_show_operating_time_bans_and_cleanups(portal: PortalClient) -> None:
+    portal.control("operating", {"method": "event.offline.get", "seconds": 12.5})
+    portal.control("operating", {"method": "batch", "ban": 60})
+    stats = portal.stats()
+    assert stats["operating"]["event.offline.get"] == 12.5
+    assert stats["operating_limit"] == 420
+    assert stats["bans"] == {"batch": pytest.approx(stats["now"] + 60)}
+    assert stats["cleaned"] == 0
+    assert portal.call("batch", {"cmd": ["app.info"]})["error"] == "OPERATION_TIME_LIMIT"
+
+
+def test_a_bad_install_body_is_refused(portal: PortalClient) -> None:
+    answer = portal.http.post("/_emulator/install", json={"url": "http://x.y/", "user_id": "me"})
+    assert answer.status_code == 400

@@ -1,4 +1,4 @@
-"""Injected faults: 5xx answers, chosen errors, latency, and the lost reservation."""
+"""Injected faults: every error of the table, latency, the lost reservation, a domain change."""
 
 from __future__ import annotations
 
@@ -92,3 +92,130 @@ def test_latency(client: PortalClient) -> None:
     began = time.perf_counter()
     assert "result" in client.call("app.info")
     assert time.perf_counter() - began >= 0.2
+
+
+# Each code of BITRIX24.md's error table, with the status a portal usually sends.
+TABLE = [
+    ("QUERY_LIMIT_EXCEEDED", 503),
+    ("OPERATION_TIME_LIMIT", 429),
+    ("expired_token", 401),
+    ("invalid_token", 401),
+    ("INTERNAL_SERVER_ERROR", 500),
+    ("ERROR_UNEXPECTED_ANSWER", 500),
+    ("OVERLOAD_LIMIT", 503),
+    ("WRONG_LICENSE", 403),
+    ("ACCESS_DENIED", 403),
+    ("WRONG_AUTH_TYPE", 403),
+    ("insufficient_scope", 401),
+    ("NO_AUTH_FOUND", 401),
+    ("ERROR_METHOD_NOT_FOUND", 404),
+    ("ERROR_ARGUMENT", 400),
+    ("PORTAL_DELETED", 403),
+    ("APPLICATION_NOT_FOUND", 401),
+    ("PAYMENT_REQUIRED", 402),
+    ("authorization_error", 401),
+    ("user_access_error", 401),
+    ("INVALID_CREDENTIALS", 401),
+    ("METHOD_CONFIRM_WAITING", 401),
+    ("METHOD_CONFIRM_DENIED", 403),
+    ("ERROR_OAUTH", 401),
+    ("CONNECTION_ERROR", 401),
+]
+
+
+@pytest.mark.parametrize(("code", "status"), TABLE)
+def test_every_error_of_the_table_can_be_injected(
+    client: PortalClient, code: str, status: int
+) -> None:
+    client.control("faults", {"fail_with": {"event.offline.get": {"error": code, "count": 2}}})
+    plain = client.post("event.offline.get", {"clear": 0})
+    assert plain.status_code == status
+    assert plain.json()["error"] == code
+    assert "time" not in plain.json()  # an error answer never has a time block
+    body = client.call("batch", {"cmd": {"get": "event.offline.get?clear=0", "ok": "app.info"}})
+    assert body["result"]["result_error"]["get"]["error"] == code
+    assert set(body["result"]["result_time"]) == {"ok"}
+    assert client.queue()["free"] == 5  # nothing was reserved
+    assert len(client.result("event.offline.get", {"clear": 0})["events"]) == 5  # used up
+
+
+def test_a_persistent_fault_stays_until_cleared(client: PortalClient) -> None:
+    client.control(
+        "faults", {"fail_with": {"*": {"error": "APPLICATION_NOT_FOUND", "persistent": True}}}
+    )
+    for method in ("app.info", "event.offline.get", "batch"):
+        for _ in range(3):
+            answer = client.post(method, {"cmd": ["app.info"]})
+            assert (answer.status_code, answer.json()["error"]) == (401, "APPLICATION_NOT_FOUND")
+    state = client.control("faults", {})
+    assert state["fail_with"]["*"] == {
+        "error": "APPLICATION_NOT_FOUND",
+        "count": None,
+        "persistent": True,
+        "status": 401,
+    }
+    client.control("faults", {"fail_with": {"*": None}})
+    assert "result" in client.call("app.info")
+
+
+def test_a_fault_may_carry_another_status(client: PortalClient) -> None:
+    spec = {"error": "PORTAL_DELETED", "status": 500, "description": "gone"}
+    client.control("faults", {"fail_with": {"app.info": spec}})
+    answer = client.post("app.info")
+    assert answer.status_code == 500
+    assert answer.json() == {"error": "PORTAL_DELETED", "error_description": "gone"}
+
+
+def test_clear_ends_every_fault(client: PortalClient) -> None:
+    client.control(
+        "faults",
+        {
+            "fail_with": {"*": {"error": "ERROR_OAUTH", "persistent": True}},
+            "latency_ms": 1,
+            "drop_next_reservation": True,
+        },
+    )
+    state = client.control("faults", {"clear": True})
+    assert (state["fail_with"], state["latency_ms"], state["drop_next_reservation"]) == (
+        {},
+        None,
+        False,
+    )
+    assert "result" in client.call("app.info")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"fail_with": {"app.info": {"count": 1}}},
+        {"fail_with": {"app.info": {"error": "X", "status": 99}}},
+        {"fail_with": {"app.info": "X"}},
+        {"moved_to": "ftp://elsewhere"},
+        {"latency_ms": 5, "fail": {"app.info": "many"}},
+    ],
+)
+def test_a_bad_fault_changes_nothing(client: PortalClient, body: dict[str, object]) -> None:
+    answer = client.http.post("/_emulator/faults", json=body)
+    assert answer.status_code == 400
+    assert "bad faults" in answer.json()["error"]
+    state = client.control("faults", {})
+    assert (state["fail_with"], state["latency_ms"], state["moved_to"]) == ({}, None, None)
+
+
+def test_a_domain_change_redirects_the_old_address(client: PortalClient) -> None:
+    """A portal whose domain changed answers 302 to the same path on the new domain."""
+    new_base = f"http://localhost:{client.server.port}"  # the same server, by another name
+    client.control("faults", {"moved_to": new_base})
+    moved = client.http.post("/rest/app.info.json?x=1", json={"auth": client.token})
+    assert moved.status_code == 302
+    assert moved.headers["location"] == f"{new_base}/rest/app.info.json?x=1"
+    with httpx.Client(base_url=new_base) as there:
+        answer = there.post("/rest/app.info.json", json={"auth": client.token})
+        assert "result" in answer.json()
+    # The OAuth server and the notifications now name the new address.
+    assert client.app()["client_endpoint"] == f"{new_base}/rest/"
+    assert client.refresh(client.app()["refresh_token"]).json()["client_endpoint"] == (
+        f"{new_base}/rest/"
+    )
+    client.control("faults", {"moved_to": None})
+    assert client.post("app.info").status_code == 200

@@ -1,4 +1,10 @@
-"""Notifications the portal sends: ONOFFLINEEVENT's edge trigger, install and uninstall."""
+"""Notifications the portal sends: their bodies, ONOFFLINEEVENT's edge trigger, install, uninstall.
+
+Sources: ``rest/lib/event/sender.php`` (``event``, ``event_handler_id``, ``data``, ``ts``; the
+install URL is a binding of ONAPPINSTALL, ``rest_util.php``) and Bitrix24's event docs in
+``bitrix24/b24restdocs`` for the ``auth`` keys (``_includes/auth-params-in-events.md``,
+``api-reference/events/on-offline-event.md``, ``api-reference/common/events/on-app-*.md``).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,19 @@ from tests.plugins.emulator import EmulatorFactory, NotificationSink, PortalClie
 Factory = Callable[[EmulatorServer], PortalClient]
 LEAD = "ONCRMLEADADD"
 QUIET = 0.4  # long enough for a stray notification to arrive over loopback
+# Documented as always present in an event's auth block.
+PORTAL_KEYS = {
+    "scope",
+    "domain",
+    "server_endpoint",
+    "status",
+    "client_endpoint",
+    "member_id",
+    "application_token",
+}
+# The tokens of the user whose action caused the event: documented, plus `expires` and
+# `user_id`, which portals send and Bitrix24's Python SDK needs.
+USER_KEYS = {"access_token", "expires", "expires_in", "refresh_token", "user_id"}
 
 
 def lead(number: int) -> dict[str, object]:
@@ -42,20 +61,45 @@ def test_offline_event_notification_body(
 ) -> None:
     clock = FakeClock()
     client = bound_client(emulator_factory, portal_client_factory, notification_sink, clock)
-    client.add(lead(1))
-    (notice,) = notification_sink.wait_for(1)
-    assert notice.content_type == "application/x-www-form-urlencoded"
-    assert notice.form["event"] == "ONOFFLINEEVENT"
-    assert notice.form["data"] == ""
-    assert int(notice.form["ts"]) == int(clock())
+    client.add({**lead(1), "user_id": 7})
+    client.control("notify")  # not caused by a user: no tokens
+    caused, bare = notification_sink.wait_for(2)
+    for notice in (caused, bare):
+        assert notice.content_type == "application/x-www-form-urlencoded"
+        # An empty `data` is an empty PHP array: http_build_query leaves it out.
+        assert list(notice.form) == ["event", "event_handler_id", "ts", "auth"]
+        assert b"data" not in notice.body
+        assert notice.form["event"] == "ONOFFLINEEVENT"
+        assert int(notice.form["ts"]) == int(clock())
+    assert caused.form["event_handler_id"] == bare.form["event_handler_id"]
+    assert set(bare.form["auth"]) == PORTAL_KEYS
+    assert set(caused.form["auth"]) == PORTAL_KEYS | USER_KEYS
+    assert caused.form["auth"]["user_id"] == "7"
     app = client.app()
-    auth = notice.form["auth"]
+    auth = bare.form["auth"]
     assert auth["domain"] == app["domain"]
     assert auth["member_id"] == app["member_id"]
     assert auth["application_token"] == app["application_token"]
     assert auth["client_endpoint"] == app["client_endpoint"]
-    assert auth["server_endpoint"].endswith("/rest/")
-    assert auth["status"] == "L"
+    assert auth["server_endpoint"] == "https://oauth.bitrix.info/rest/"
+    assert (auth["status"], auth["scope"]) == ("L", "crm")
+
+
+def test_event_handler_id_is_the_bindings_id(
+    emulator_factory: EmulatorFactory,
+    portal_client_factory: Factory,
+    notification_sink: NotificationSink,
+) -> None:
+    client = portal_client_factory(emulator_factory(auto_bind=True))
+    for path in ("/first", "/second"):
+        params = {"event": "ONOFFLINEEVENT", "handler": notification_sink.url + path}
+        assert client.result("event.bind", params) is True
+    first = {"event": "ONOFFLINEEVENT", "handler": notification_sink.url + "/first"}
+    assert client.result("event.unbind", first) == {"count": 1}
+    client.control("notify")
+    (notice,) = notification_sink.wait_for(1)
+    assert notice.path == "/hook/second"
+    assert notice.form["event_handler_id"] == "2"  # the second binding made on this portal
 
 
 def test_suppressed_within_min_timeout_and_never_sent_later(
@@ -127,21 +171,14 @@ def test_install_carries_a_working_admin_refresh_token_and_drops_bindings(
     client = portal_client_factory(emulator_factory(handler_url=notification_sink.url))
     client.bind(LEAD)
     assert client.control("install")["status"] == 200
-    (notice,) = notification_sink.events("ONAPPINSTALL")
-    data, auth = notice.form["data"], notice.form["auth"]
+    assert client.control("install")["status"] == 200
+    first, second = notification_sink.events("ONAPPINSTALL")
+    data, auth = first.form["data"], first.form["auth"]
     assert set(data) == {"VERSION", "ACTIVE", "INSTALLED", "LANGUAGE_ID"}
-    assert set(auth) >= {
-        "access_token",
-        "refresh_token",
-        "expires_in",
-        "application_token",
-        "member_id",
-        "domain",
-        "client_endpoint",
-        "server_endpoint",
-        "scope",
-        "status",
-    }
+    assert set(auth) == PORTAL_KEYS | USER_KEYS
+    # The install URL is a binding of ONAPPINSTALL: one ID, the same for every install.
+    assert first.form["event_handler_id"] == second.form["event_handler_id"]
+    assert int(first.form["event_handler_id"]) > 0
     assert client.refresh(auth["refresh_token"]).json()["member_id"] == auth["member_id"]
     assert client.call("user.admin", token=auth["access_token"])["result"] is True
     assert client.result("event.get") == []  # reinstalling drops every binding
@@ -156,7 +193,15 @@ def test_uninstall(
     token = client.token
     assert client.control("uninstall", {"clean": True})["status"] == 200
     (notice,) = notification_sink.events("ONAPPUNINSTALL")
-    assert notice.form["data"] == {"CLEAN": "1"}
+    assert notice.form["data"] == {"LANGUAGE_ID": "en", "CLEAN": "1"}
+    # Sent without tokens, and with exactly the documented keys.
+    assert set(notice.form["auth"]) == {
+        "domain",
+        "server_endpoint",
+        "client_endpoint",
+        "member_id",
+        "application_token",
+    }
     assert notice.form["auth"]["application_token"] == client.app()["application_token"]
     assert client.call("app.info", token=token)["error"] == "invalid_token"
 

@@ -1,4 +1,8 @@
-"""The offline queue: at-most-once trap, reservation, coalescing, clear/error/list semantics."""
+"""The offline queue: at-most-once trap, reservation, coalescing, clear/error/list semantics.
+
+Source: ``rest/lib/api/event.php`` (``eventOffline*``) and ``rest/lib/eventoffline.php``
+(``EventOfflineTable``) in ``yuliai/bitrix-modules``.
+"""
 
 from __future__ import annotations
 
@@ -164,11 +168,50 @@ def test_clear_touches_only_rows_of_that_process(bound: PortalClient) -> None:
     assert bound.result("event.offline.clear", {"process_id": pid, "message_id": mids}) is True
 
 
-@pytest.mark.parametrize("empty", [[], ""])
-def test_empty_message_id_list_clears_the_whole_process(bound: PortalClient, empty: object) -> None:
+def test_empty_message_id_list_clears_the_whole_process(bound: PortalClient) -> None:
     pid, _ = _reserve(bound, 3)
-    assert bound.result("event.offline.clear", {"process_id": pid, "message_id": empty}) is True
+    assert bound.result("event.offline.clear", {"process_id": pid, "message_id": []}) is True
     assert bound.queue()["reserved"] == {}
+
+
+@pytest.mark.parametrize("scalar", ["", "0123456789abcdef0123456789abcdef", 7])
+def test_clear_refuses_a_message_id_that_is_not_an_array(
+    bound: PortalClient, scalar: object
+) -> None:
+    pid, events = _reserve(bound, 2)
+    if scalar == "0123456789abcdef0123456789abcdef":
+        scalar = events[0]["MESSAGE_ID"]  # even a real one, alone
+    answer = bound.post("event.offline.clear", {"process_id": pid, "message_id": scalar})
+    assert answer.status_code == 400
+    assert answer.json() == {
+        "error": "ERROR_ARGUMENT",
+        "error_description": "Value must be array of MESSAGE_ID values",
+        "argument": "message_id",
+    }
+    batched = bound.call(
+        "batch", {"cmd": {"c": f"event.offline.clear?process_id={pid}&message_id={scalar}"}}
+    )
+    assert batched["result"]["result_error"]["c"]["error"] == "ERROR_ARGUMENT"
+    assert bound.queue()["reserved"] == {pid: 2}
+
+
+def test_message_id_is_md5_of_the_name_and_bitrix_json_of_the_data(bound: PortalClient) -> None:
+    # md5("ONCRMLEADADD|" . Json::encode(["FIELDS" => ["ID" => "7405"]])), as php computed it
+    # for tests/php_vectors.json.
+    bound.add({"event": "onCrmLeadAdd", "data": {"FIELDS": {"ID": "7405"}}})
+    (row,) = bound.result("event.offline.get", {})["events"]
+    assert row["MESSAGE_ID"] == "b14615ff900d6bd722b0e0e77511eba2"
+
+
+def test_an_empty_process_id_names_every_unreserved_row(bound: PortalClient) -> None:
+    """The module trims and uses it: ``DELETE ... WHERE PROCESS_ID=''`` takes every free row."""
+    pid, _ = _reserve(bound, 2)
+    bound.add(lead(3), lead(4))
+    peek = bound.result("event.offline.get", {"clear": 0, "process_id": ""})
+    assert (peek["process_id"], len(peek["events"])) == ("", 2)
+    assert bound.queue()["free"] == 2  # read, not reserved
+    assert bound.result("event.offline.clear", {"process_id": " "}) is True
+    assert bound.queue() == {"free": 0, "reserved": {pid: 2}, "errors": 0}
 
 
 def test_clear_refuses_bad_arguments(bound: PortalClient) -> None:
@@ -211,6 +254,23 @@ def test_filters_and_order(bound: PortalClient) -> None:
     assert bound.call("event.offline.get", {"limit": 0})["error"] == "ERROR_ARGUMENT"
     assert bound.call("event.offline.get", {"order": {"ID": "UP"}})["error"] == "ERROR_ARGUMENT"
     assert bound.queue()["free"] == 5  # desc reserved one; refused calls touched nothing
+
+
+def test_marking_an_error_removes_other_copies_of_the_event(bound: PortalClient) -> None:
+    """``markError`` first deletes every non-error row with that MESSAGE_ID outside the process:
+    a newer free copy and another process's reservation alike; the marked row keeps its ID."""
+    pid, events = _reserve(bound, 2)
+    bound.add(lead(1))  # a free twin of the first reserved row
+    other = bound.result("event.offline.get", {"clear": 0})["process_id"]  # reserves the twin
+    bound.add(lead(1))  # and another free twin
+    mid = events[0]["MESSAGE_ID"]
+    assert bound.result("event.offline.error", {"process_id": pid, "message_id": [mid]}) is True
+    assert bound.queue() == {"free": 0, "reserved": {pid: 1}, "errors": 1}
+    assert other not in bound.queue()["reserved"]
+    (parked,) = bound.result("event.offline.get", {"clear": 0, "error": 1})["events"]
+    assert parked["ID"] == events[0]["ID"]
+    refused = bound.call("event.offline.error", {"process_id": pid, "message_id": mid})
+    assert refused["error"] == "ERROR_ARGUMENT"
 
 
 def test_error_rows(bound: PortalClient) -> None:
@@ -286,3 +346,46 @@ def test_auth_connector_needs_its_feature(
     assert client.result("feature.get", {"code": "rest_auth_connector"}) == {"value": "N"}
     answer = client.call("event.offline.get", {"clear": 0, "auth_connector": "crm"})
     assert answer["error"] == "WRONG_LICENSE"
+
+
+LONG_TOKENS = 10**9  # tokens that outlive the months these tests skip
+
+
+def test_the_cleanup_agent_deletes_events_older_than_the_lifetime(
+    emulator_factory: EmulatorFactory,
+    portal_client_factory: Callable[[EmulatorServer], PortalClient],
+) -> None:
+    """``cleanProcessAgent`` deletes rows whose event TIMESTAMP_X is older than
+    ``PROCESS_ID_LIFETIME`` (2,952,000 s); the module's current version deletes free rows too
+    (older versions: only reserved ones, ``PROCESS_ID<>''``)."""
+    clock = FakeClock()
+    client = portal_client_factory(
+        emulator_factory(clock=clock, auto_bind=True, token_ttl=LONG_TOKENS)
+    )
+    client.add(lead(1), lead(2))
+    pid = client.result("event.offline.get", {"clear": 0, "limit": 1})["process_id"]
+    clock.advance(2_952_000 - 100)
+    client.add(lead(3))
+    assert client.control("cleanup")["deleted"] == 0  # not older than the lifetime yet
+    clock.advance(101)
+    assert client.control("cleanup") == {"deleted": 2, "now": clock()}
+    assert client.queue() == {"free": 1, "reserved": {}, "errors": 0}
+    # The reservation is gone: re-reading it finds nothing, clearing it is harmless.
+    assert client.result("event.offline.get", {"clear": 0, "process_id": pid})["events"] == []
+    assert client.stats()["cleaned"] == 2
+
+
+def test_the_cleanup_agent_also_runs_by_itself(
+    emulator_factory: EmulatorFactory,
+    portal_client_factory: Callable[[EmulatorServer], PortalClient],
+) -> None:
+    clock = FakeClock()
+    client = portal_client_factory(
+        emulator_factory(clock=clock, auto_bind=True, cleanup_interval=3600, token_ttl=LONG_TOKENS)
+    )
+    client.add(lead(1))
+    pid = client.result("event.offline.get", {"clear": 0})["process_id"]
+    clock.advance(2_952_001)
+    # The next request runs the overdue agent before it is served.
+    assert client.result("event.offline.get", {"clear": 0, "process_id": pid})["events"] == []
+    assert client.queue()["reserved"] == {}

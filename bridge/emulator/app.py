@@ -15,12 +15,12 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.types import Receive, Scope, Send
 
-from bridge import phpquery
-from bridge.emulator import control
+from bridge.emulator import control, control_notify
 from bridge.emulator.calls import handle
 from bridge.emulator.config import EmulatorConfig
 from bridge.emulator.errors import RestError, argument
 from bridge.emulator.oauth import OAuthError
+from bridge.emulator.phpform import parse_str
 from bridge.emulator.portal import Portal
 
 DROP_KEY = "bridge.emulator.drop"
@@ -76,7 +76,7 @@ class DroppedAnswer(Response):
 
 
 async def _params(request: Request) -> dict[str, Any]:
-    found: dict[str, Any] = phpquery.decode(request.url.query) if request.url.query else {}
+    found: dict[str, Any] = parse_str(request.url.query) if request.url.query else {}
     body = await request.body()
     if len(body) > MAX_BODY:
         raise argument("Request body is too large")
@@ -90,7 +90,7 @@ async def _params(request: Request) -> dict[str, Any]:
         if not isinstance(decoded, dict):
             raise argument("Request body must be a JSON object")
     else:
-        decoded = phpquery.decode(body)
+        decoded = parse_str(body)
     return {**found, **decoded}
 
 
@@ -106,8 +106,22 @@ def _bearer(request: Request) -> str | None:
     return token.strip() or None if scheme.lower() == "bearer" else None
 
 
+def _moved(portal: Portal, request: Request) -> Response | None:
+    """After a domain change the old address answers 302 to the same path on the new one."""
+    moved_to = portal.faults.moved_to
+    if moved_to is None or request.url.netloc == portal.domain:
+        return None
+    location = f"{moved_to}{request.url.path}" + (
+        f"?{request.url.query}" if request.url.query else ""
+    )
+    return Response(status_code=302, headers={"location": location})
+
+
 async def rest(request: Request) -> Response:
     portal: Portal = request.app.state.portal
+    moved = _moved(portal, request)
+    if moved is not None:
+        return moved
     latency = portal.faults.latency_ms
     latency = portal.config.latency_ms if latency is None else latency
     if latency > 0:
@@ -127,14 +141,14 @@ async def token(request: Request) -> Response:
     params = dict(request.query_params)
     if request.method == "POST":
         try:
-            params.update(phpquery.decode(await request.body()))
+            params.update(parse_str(await request.body()))
         except ValueError:
             return JSONResponse(OAuthError("invalid_request", "bad body", 400).body(), 400)
     try:
         pair = portal.tokens.refresh(params, portal.now())
     except OAuthError as exc:
         return JSONResponse(exc.body(), status_code=exc.status)
-    return JSONResponse(portal.tokens.answer(pair))
+    return JSONResponse(portal.tokens.answer(pair, portal.client_endpoint))
 
 
 def create_emulator_app(config: EmulatorConfig, *, portal: Portal | None = None) -> Starlette:
@@ -154,7 +168,7 @@ def create_emulator_app(config: EmulatorConfig, *, portal: Portal | None = None)
             Route("/rest/{path:path}", rest, methods=["GET", "POST"]),
             Route("/oauth/token/", token, methods=["GET", "POST"]),
             Route("/oauth/token", token, methods=["GET", "POST"]),
-            Mount("/_emulator", routes=control.routes),
+            Mount("/_emulator", routes=[*control.routes, *control_notify.routes]),
         ],
         lifespan=lifespan,
     )

@@ -1,4 +1,10 @@
-"""The path of one REST request: rate limit, token, method, faults, operating time, ``time``."""
+"""The path of one REST request, in the order ``CRestServer`` takes it.
+
+Rate limit, method lookup, token (the ``Authorization`` header wins over ``auth``) and
+``auth_connector`` belong to the outer request; then each call, plain or inside a ``batch``,
+meets injected faults, the operating-time ban, the admin check and the method itself. Only a
+successful call is charged operating time and answers a ``time`` block.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +12,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from bridge.emulator import params as read
 from bridge.emulator.errors import RestError
 from bridge.emulator.model import Call, Reply
+from bridge.emulator.operating import Meter
 from bridge.emulator.portal import Portal
 from bridge.emulator.rest import METHODS
 
@@ -21,34 +29,53 @@ class Handled:
 def handle(portal: Portal, path: str, params: dict[str, Any], bearer: str | None) -> Handled:
     """One HTTP request to ``/rest/{path}``."""
     segments = [segment for segment in path.split("/") if segment]
-    method = _method_name(segments[-1] if segments else "")
+    method = method_name(segments[-1] if segments else "")
     portal.calls[method] += 1
-    token = params.pop("auth", None) or bearer
+    now = portal.now()
+    portal.clean_if_due(now)
+    # Auth parameters never reach the method (OAuth\Auth: parameters_clear).
+    token = (
+        bearer or read.text(params.pop("auth", None)) or read.text(params.pop("access_token", None))
+    )
+    connector = read.text(params.pop("auth_connector", None))
     try:
         if len(segments) > 1:
             # /rest/<user>/<code>/<method>: an incoming webhook, not an application token.
             raise RestError("WRONG_AUTH_TYPE")
-        if not portal.bucket.hit(portal.now()):
+        if not portal.bucket.hit(now):
             raise RestError("QUERY_LIMIT_EXCEEDED")
-        user_id = portal.tokens.user_of(token if isinstance(token, str) else None, portal.now())
+        if method not in METHODS:
+            raise RestError("ERROR_METHOD_NOT_FOUND", f"Method '{method}' not found")
+        user_id = portal.tokens.user_of(token or None, now)
+        if connector and not portal.config.auth_connector_feature:
+            raise RestError("WRONG_LICENSE", "This feature is not enabled: auth_connector")
     except RestError as exc:
         portal.errors[exc.code] += 1
         return Handled(Reply(error=exc))
-    reply = invoke(portal, method, params, user_id, counted=True)
+    meter = portal.operating.meter(now)
+    reply = invoke(portal, method, params, user_id, connector, meter, counted=True)
+    portal.operating.finalize(meter, portal.now())
     dropped = reply.reserved and portal.faults.drop_next_reservation
     if dropped:
         portal.faults.drop_next_reservation = False
     return Handled(reply, dropped)
 
 
-def _method_name(raw: str) -> str:
+def method_name(raw: str) -> str:
     return raw.strip().lower().removesuffix(".json")
 
 
 def invoke(
-    portal: Portal, method: str, params: dict[str, Any], user_id: int, *, counted: bool = False
+    portal: Portal,
+    method: str,
+    params: dict[str, Any],
+    user_id: int,
+    connector: str,
+    meter: Meter,
+    *,
+    counted: bool = False,
 ) -> Reply:
-    """Run one method for an authenticated user; a batch's sub-calls come through here too."""
+    """Run one method for an authenticated user; a batch's commands come through here too."""
     if not counted:
         portal.calls[method] += 1
     start = portal.now()
@@ -57,51 +84,54 @@ def invoke(
     try:
         if spec is None:
             raise RestError("ERROR_METHOD_NOT_FOUND", f"Method '{method}' not found")
-        injected = portal.faults.take_failure(method)
+        injected = portal.faults.take(method)
         if injected is not None:
-            raise RestError(injected)
+            raise injected
+        if portal.operating.blocked(method, start, meter):
+            raise RestError("OPERATION_TIME_LIMIT")
         if spec.admin and not portal.is_admin(user_id):
             raise RestError("ACCESS_DENIED", "Access denied! Admin access required")
-        if portal.operating.exceeded(method, start):
-            raise RestError("OPERATION_TIME_LIMIT")
 
-        def sub_call(name: str, sub_params: dict[str, Any]) -> Reply:
-            return invoke(portal, _method_name(name), sub_params, user_id)
+        def command(name: str, command_params: dict[str, Any]) -> Reply:
+            return invoke(portal, name, command_params, user_id, connector, meter)
 
         normalized = {str(key).upper(): value for key, value in params.items()}
-        normalized.pop("AUTH", None)
-        outcome = spec.handler(Call(portal, normalized, user_id, sub_call))
+        # A command's own auth parameters are overwritten by the batch request's.
+        for name in ("AUTH", "ACCESS_TOKEN", "AUTH_CONNECTOR"):
+            normalized.pop(name, None)
+        outcome = spec.handler(Call(portal, normalized, user_id, connector, command))
     except RestError as exc:
         portal.errors[exc.code] += 1
-        with_time = spec is not None
-        return Reply(error=exc, time=_time(portal, method, start, began) if with_time else None)
-    processing = portal.perf() - began
+        return Reply(error=exc)
     config = portal.config
-    cost = (
-        max(0.0, processing - outcome.charged_elsewhere)
-        + config.op_cost_per_call
-        + config.op_cost_per_row * outcome.rows
-    )
-    portal.operating.charge(method, cost, portal.now())
+    processing = portal.perf() - began
+    modelled = config.op_cost_per_call + config.op_cost_per_row * outcome.rows + outcome.modelled
+    meter.register(method, start, processing + modelled)
     return Reply(
         result=outcome.result,
         total=outcome.total,
         next=outcome.next,
-        time=_time(portal, method, start, began),
+        time=_time(portal, method, start, processing, meter),
         reserved=outcome.reserved,
+        modelled=modelled,
     )
 
 
-def _time(portal: Portal, method: str, start: float, began: float) -> dict[str, Any]:
+def _time(
+    portal: Portal, method: str, start: float, processing: float, meter: Meter
+) -> dict[str, Any]:
     finish = max(portal.now(), start)
     zone = portal.store.zone
-    return {
+    answer: dict[str, Any] = {
         "start": start,
         "finish": finish,
         "duration": finish - start,
-        "processing": portal.perf() - began,
+        "processing": processing,
         "date_start": datetime.fromtimestamp(start, zone).isoformat(timespec="seconds"),
         "date_finish": datetime.fromtimestamp(finish, zone).isoformat(timespec="seconds"),
-        "operating": round(portal.operating.used(method, finish), 6),
-        "operating_reset_at": portal.operating.reset_at(method, finish),
     }
+    reset_at = portal.operating.reset_at(method, finish, meter)
+    if reset_at is not None:
+        answer["operating_reset_at"] = reset_at
+    answer["operating"] = round(portal.operating.used(method, finish, meter), 6)
+    return answer

@@ -43,7 +43,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rate-burst", type=int, default=50, help="leaky bucket size")
     parser.add_argument("--token-ttl", type=float, default=3600.0, help="access token life (s)")
     parser.add_argument(
-        "--operating-budget", type=float, default=480.0, help="operating seconds per method/10 min"
+        "--operating-limit",
+        "--operating-budget",  # the former name
+        dest="operating_limit",
+        type=float,
+        default=420.0,
+        help="operating seconds per method per 10 minutes; above it the method is banned "
+        "for 300 s (480 on older portals)",
+    )
+    parser.add_argument(
+        "--cleanup-interval",
+        type=float,
+        default=86400.0,
+        help="seconds between runs of the queue's cleanup agent (deletes events older than "
+        "2,952,000 s)",
     )
     parser.add_argument(
         "--op-cost-per-call", type=float, default=0.0, help="modelled operating seconds per call"
@@ -60,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--auto-bind", action="store_true", help="queue every event, bound offline or not"
     )
+    parser.add_argument(
+        "--tls-cert",
+        metavar="PEM",
+        help="serve HTTPS with this certificate (for clients that only speak https)",
+    )
+    parser.add_argument("--tls-key", metavar="PEM", help="the certificate's private key")
     parser.add_argument("--client-id", help="fixed client id (default: random)")
     parser.add_argument("--client-secret", help="fixed client secret (default: random)")
     parser.add_argument("--application-token", help="fixed application token (default: random)")
@@ -78,12 +97,15 @@ def config_from(args: argparse.Namespace) -> EmulatorConfig:
         rate_limit=args.rate_limit or None,
         rate_burst=args.rate_burst,
         token_ttl=args.token_ttl,
-        operating_budget=args.operating_budget,
+        operating_limit=args.operating_limit,
+        cleanup_interval=args.cleanup_interval,
         op_cost_per_call=args.op_cost_per_call,
         op_cost_per_row=args.op_cost_per_row,
         latency_ms=args.latency_ms,
         offline_extended=not args.no_offline_extended,
         auto_bind=args.auto_bind,
+        tls_certfile=args.tls_cert,
+        tls_keyfile=args.tls_key,
     )
     for name in ("client_id", "client_secret", "application_token", "member_id"):
         value = getattr(args, name)
@@ -104,6 +126,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         ).start()
     except OSError as exc:
         print(f"emulator: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return 1
+    except RuntimeError as exc:  # uvicorn refused to start (a bad --tls-cert, say)
+        print(f"emulator: {exc}", file=sys.stderr)
         return 1
     portal = server.portal
     assert portal is not None

@@ -6,7 +6,9 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
+
+APP_VERSION = 1  # the installed application's version
 
 
 def _token(length: int = 32) -> str:
@@ -42,9 +44,10 @@ class EmulatorConfig:
     rate_burst: int = 50
     token_ttl: float = 3600.0
     refresh_ttl: float = 180 * 86400.0
-    # Operating time per method in a sliding ten-minute window. Each call is charged its real
-    # processing time plus these modelled costs, so benchmarks can mimic a loaded portal.
-    operating_budget: float = 480.0
+    # Operating seconds per method in a sliding ten minutes (LoadLimiter v2: 420; older
+    # portals 480). Each call is charged its real processing time plus these modelled costs,
+    # so benchmarks can mimic a loaded portal; a batch's own time includes its commands'.
+    operating_limit: float = 420.0
     op_cost_per_call: float = 0.0
     op_cost_per_row: float = 0.0
     latency_ms: float = 0.0
@@ -67,6 +70,18 @@ class EmulatorConfig:
     clock: Callable[[], float] = time.time
     # The host clients reach the portal by, when it listens on a wildcard address.
     public_host: str | None = None
+    # Serve HTTPS with this certificate and key (PEM files): for clients that only speak https,
+    # such as Bitrix24's own SDKs.
+    tls_certfile: str | None = None
+    tls_keyfile: str | None = None
+    # How often the queue's cleanup agent runs, in portal seconds (it also runs on demand).
+    cleanup_interval: float = 86400.0
+    # The former name of operating_limit, still accepted.
+    operating_budget: InitVar[float | None] = None
+
+    def __post_init__(self, operating_budget: float | None) -> None:
+        if operating_budget is not None:
+            self.operating_limit = operating_budget
 
     @property
     def domain(self) -> str:
@@ -76,8 +91,12 @@ class EmulatorConfig:
         return f"{host}:{self.port}"
 
     @property
+    def scheme(self) -> str:
+        return "https" if self.tls_certfile else "http"
+
+    @property
     def base_url(self) -> str:
-        return f"http://{self.domain}"
+        return f"{self.scheme}://{self.domain}"
 
     @property
     def client_endpoint(self) -> str:

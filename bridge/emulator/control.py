@@ -1,7 +1,12 @@
-"""The control API under ``/_emulator/``: what a test or a consumer team uses to play the portal."""
+"""The control API under ``/_emulator/``: what a test or a consumer team uses to play the portal.
+
+Every route answers JSON; a body it cannot use is a ``400`` with ``{"error": ...}`` and changes
+nothing. The README lists the routes and the shape of ``/faults``.
+"""
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Mapping
 from typing import Any
@@ -10,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from bridge.emulator.errors import STATUS
+from bridge.emulator.phpjson import php_value
 from bridge.emulator.portal import Incoming, Portal
 
 MAX_GENERATE = 1_000_000
@@ -20,12 +25,12 @@ class BadRequest(Exception):
     pass
 
 
-def _portal(request: Request) -> Portal:
+def portal_of(request: Request) -> Portal:
     portal: Portal = request.app.state.portal
     return portal
 
 
-async def _json(request: Request) -> dict[str, Any]:
+async def json_body(request: Request) -> dict[str, Any]:
     raw = await request.body()
     if not raw.strip():
         return {}
@@ -38,12 +43,12 @@ async def _json(request: Request) -> dict[str, Any]:
     return body
 
 
-def _error(message: str, status: int = 400) -> JSONResponse:
+def error(message: str, status: int = 400) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
 async def app_info(request: Request) -> JSONResponse:
-    portal = _portal(request)
+    portal = portal_of(request)
     config = portal.config
     pair = portal.tokens.issue(min(config.admin_user_ids, default=1), portal.now())
     return JSONResponse(
@@ -52,8 +57,8 @@ async def app_info(request: Request) -> JSONResponse:
             "client_secret": config.client_secret,
             "application_token": config.application_token,
             "member_id": config.member_id,
-            "domain": config.domain,
-            "client_endpoint": config.client_endpoint,
+            "domain": portal.domain,
+            "client_endpoint": portal.client_endpoint,
             "oauth_url": config.base_url,
             "refresh_token": pair.refresh_token,
         }
@@ -78,21 +83,22 @@ def _incoming(body: dict[str, Any]) -> list[Incoming]:
     for item in events:
         if not isinstance(item, Mapping) or not isinstance(item.get("event"), str):
             raise BadRequest("each event needs an 'event' name")
-        found.append(Incoming(item["event"], item.get("data", False), int(item.get("user_id", 1))))
+        data = php_value(item.get("data", False))  # as PHP holds it: MESSAGE_ID hashes that
+        found.append(Incoming(item["event"], data, int(item.get("user_id", 1))))
     return found
 
 
 async def add_events(request: Request) -> JSONResponse:
     try:
-        body = await _json(request)
+        body = await json_body(request)
         incoming = _incoming(body)
     except (BadRequest, TypeError, ValueError) as exc:
-        return _error(str(exc))
-    return JSONResponse(_portal(request).add_events(incoming, str(body.get("connector") or "")))
+        return error(str(exc))
+    return JSONResponse(portal_of(request).add_events(incoming, str(body.get("connector") or "")))
 
 
 async def queue_state(request: Request) -> JSONResponse:
-    portal = _portal(request)
+    portal = portal_of(request)
     queue = portal.store.queue(request.query_params.get("connector", ""))
     answer: dict[str, Any] = {
         "free": queue.free_count,
@@ -105,108 +111,90 @@ async def queue_state(request: Request) -> JSONResponse:
 
 
 async def calls(request: Request) -> JSONResponse:
-    return JSONResponse(dict(_portal(request).calls))
+    return JSONResponse(dict(portal_of(request).calls))
 
 
 async def stats(request: Request) -> JSONResponse:
-    portal = _portal(request)
+    portal = portal_of(request)
     now = portal.now()
+    limiter = portal.operating
+    methods = set(portal.calls) | set(limiter.snapshot(now))
     return JSONResponse(
         {
             "calls": dict(portal.calls),
             "errors": dict(portal.errors),
             "notifications": {**portal.notifier.stats, "suppressed": portal.suppressed},
             "bucket": portal.bucket.level,
-            "operating": {m: portal.operating.used(m, now) for m in portal.calls},
+            "operating": {m: round(limiter.used(m, now), 6) for m in sorted(methods)},
+            "operating_limit": limiter.limit,
+            "bans": {m: until for m in sorted(methods) if (until := limiter.banned_until(m, now))},
+            "bans_imposed": dict(limiter.bans_imposed),
+            "cleaned": portal.cleaned,
             "now": now,
         }
     )
 
 
-async def _deliver(portal: Portal, url: str | None, form: dict[str, Any]) -> JSONResponse:
-    if not url:
-        return _error("no handler URL: bind one or start the emulator with a handler", 409)
-    status = await portal.notifier.send(url, form)
-    return JSONResponse({"url": url, "status": status})
-
-
-async def notify(request: Request) -> JSONResponse:
-    portal = _portal(request)
-    target = portal.handler_for("ONOFFLINEEVENT")
-    return await _deliver(portal, target and target[0], portal.offline_notice(None))
-
-
-async def install(request: Request) -> JSONResponse:
-    portal = _portal(request)
+async def operating(request: Request) -> JSONResponse:
+    """``{"method", "seconds"}`` spends operating time now; ``"ban": S`` bans the method."""
+    portal = portal_of(request)
     try:
-        body = await _json(request)
-    except BadRequest as exc:
-        return _error(str(exc))
-    url = body.get("url") or portal.config.handler_url
-    if not url:
-        return _error("no install URL: start the emulator with a handler or pass 'url'", 409)
-    portal.install()
-    return await _deliver(portal, url, portal.install_notice(int(body.get("user_id", 1))))
-
-
-async def uninstall(request: Request) -> JSONResponse:
-    portal = _portal(request)
-    try:
-        body = await _json(request)
-    except BadRequest as exc:
-        return _error(str(exc))
-    target = portal.handler_for("ONAPPUNINSTALL")
-    url = body.get("url") or (target and target[0])
-    clean = bool(body.get("clean", False))
-    form = portal.uninstall_notice(clean)
-    portal.uninstall(clean)
-    return await _deliver(portal, url, form)
-
-
-def _apply_faults(portal: Portal, body: dict[str, Any]) -> None:
-    faults = portal.faults
-    if "latency_ms" in body:
-        faults.latency_ms = max(0.0, float(body["latency_ms"]))
-    for method, count in dict(body.get("fail") or {}).items():
-        faults.fail[str(method).lower()] = int(count)
-    for method, spec in dict(body.get("fail_with") or {}).items():
-        code = str(spec["error"])
-        faults.fail_with[str(method).lower()] = (code, int(spec.get("count", 1)))
-    if "drop_next_reservation" in body:
-        faults.drop_next_reservation = bool(body["drop_next_reservation"])
-    if body.get("expire_tokens"):
-        portal.tokens.expire_all(portal.now())
-
-
-async def faults(request: Request) -> JSONResponse:
-    portal = _portal(request)
-    try:
-        _apply_faults(portal, await _json(request))
+        body = await json_body(request)
+        method = str(body["method"]).strip().lower()
+        seconds = float(body.get("seconds", 0))
+        ban = None if body.get("ban") is None else float(body["ban"])
+        if not method or seconds < 0 or (ban is not None and ban <= 0):
+            raise ValueError("method must be named, seconds >= 0 and ban > 0")
     except (BadRequest, KeyError, TypeError, ValueError) as exc:
-        return _error(f"bad faults: {exc!r}")
-    state = portal.faults
+        return error(f"bad operating time: {exc!r}")
+    now = portal.now()
+    if seconds:
+        portal.operating.spend(method, seconds, now)
+    if ban is not None:
+        portal.operating.bans[method] = now + ban
     return JSONResponse(
         {
-            "latency_ms": state.latency_ms,
-            "fail": state.fail,
-            "fail_with": {m: {"error": c, "count": n} for m, (c, n) in state.fail_with.items()},
-            "drop_next_reservation": state.drop_next_reservation,
-            "known_errors": sorted(STATUS),
+            "method": method,
+            "operating": round(portal.operating.used(method, now), 6),
+            "banned_until": portal.operating.banned_until(method, now),
+            "limit": portal.operating.limit,
         }
     )
 
 
+async def cleanup(request: Request) -> JSONResponse:
+    """Run the queue's cleanup agent now, at the portal's clock."""
+    portal = portal_of(request)
+    now = portal.now()
+    return JSONResponse({"deleted": portal.clean(now), "now": now})
+
+
+async def faults(request: Request) -> JSONResponse:
+    portal = portal_of(request)
+    try:
+        body = await json_body(request)
+        # Checked on a copy first: a body with one bad part changes nothing.
+        trial = copy.deepcopy(portal.faults)
+        trial.apply(body)
+    except (BadRequest, KeyError, TypeError, ValueError) as exc:
+        return error(f"bad faults: {exc!r}")
+    portal.faults = trial
+    if body.get("expire_tokens"):
+        portal.tokens.expire_all(portal.now())
+    return JSONResponse(portal.faults.view())
+
+
 async def reset(request: Request) -> JSONResponse:
-    _portal(request).reset()
+    portal_of(request).reset()
     return JSONResponse({"reset": True})
 
 
 async def clock(request: Request) -> JSONResponse:
-    portal = _portal(request)
+    portal = portal_of(request)
     try:
-        portal.time_shift += float((await _json(request)).get("advance", 0))
+        portal.time_shift += float((await json_body(request)).get("advance", 0))
     except (BadRequest, TypeError, ValueError) as exc:
-        return _error(str(exc))
+        return error(str(exc))
     return JSONResponse({"now": portal.now()})
 
 
@@ -216,10 +204,9 @@ routes = [
     Route("/queue", queue_state, methods=["GET"]),
     Route("/calls", calls, methods=["GET"]),
     Route("/stats", stats, methods=["GET"]),
-    Route("/notify", notify, methods=["POST"]),
-    Route("/install", install, methods=["POST"]),
-    Route("/uninstall", uninstall, methods=["POST"]),
     Route("/faults", faults, methods=["POST"]),
     Route("/reset", reset, methods=["POST"]),
     Route("/clock", clock, methods=["POST"]),
+    Route("/operating", operating, methods=["POST"]),
+    Route("/cleanup", cleanup, methods=["POST"]),
 ]

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
 @dataclass(slots=True)
 class Reply:
-    """The answer to one call, plain or inside a batch."""
+    """The answer to one call, plain or inside a batch. An error carries no ``time``."""
 
     result: Any = None
     total: int | None = None
@@ -22,16 +22,16 @@ class Reply:
     error: RestError | None = None
     time: dict[str, Any] | None = None
     reserved: bool = False  # rows were reserved under a new process_id
+    modelled: float = 0.0  # operating seconds the benchmark knobs added (a batch adds them up)
 
     def body(self) -> dict[str, Any]:
         if self.error is not None:
-            answer = self.error.body()
-        else:
-            answer = {"result": self.result}
-            if self.total is not None:
-                answer["total"] = self.total
-            if self.next is not None:
-                answer["next"] = self.next
+            return self.error.body()
+        answer: dict[str, Any] = {"result": self.result}
+        if self.total is not None:
+            answer["total"] = self.total
+        if self.next is not None:
+            answer["next"] = self.next
         if self.time is not None:
             answer["time"] = self.time
         return answer
@@ -49,7 +49,10 @@ class Call:
     portal: Portal
     params: dict[str, Any]  # top-level keys upper-cased, as Bitrix24 reads them
     user_id: int
-    invoke: Invoke  # runs another method for the same user (batch)
+    # The request's auth_connector: read from the outer request only, never from a batch
+    # command's own parameters (Auth::$authQueryAdditional; rest_provider.php methodsBatch).
+    connector: str
+    invoke: Invoke  # runs another method in the same request (batch)
 
 
 @dataclass(slots=True)
@@ -59,8 +62,7 @@ class Outcome:
     next: int | None = None
     rows: int = 0  # rows read, for the modelled operating cost
     reserved: bool = False
-    # Processing already charged to other methods (a batch's sub-calls).
-    charged_elsewhere: float = 0.0
+    modelled: float = 0.0  # modelled seconds of the calls made inside this one (a batch's)
 
 
 @dataclass(frozen=True, slots=True)

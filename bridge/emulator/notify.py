@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 
-from bridge import phpquery
+from bridge.emulator.phpform import http_build_query
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ class Notifier:
         event = str(form.get("event", "?"))
         try:
             response = await self._http().post(
-                url, content=phpquery.encode(form).encode(), headers={"Content-Type": FORM}
+                url, content=http_build_query(form).encode(), headers={"Content-Type": FORM}
             )
         except httpx.HTTPError as exc:
             self.stats["failed"] += 1

@@ -81,8 +81,8 @@ class Tokens:
             raise OAuthError("invalid_grant", "Invalid grant", 400)
         return self.issue(grant.user_id, now)
 
-    def answer(self, pair: TokenPair) -> dict[str, Any]:
-        """The OAuth server's answer for a token pair."""
+    def answer(self, pair: TokenPair, client_endpoint: str) -> dict[str, Any]:
+        """The OAuth server's answer for a token pair of the portal at ``client_endpoint``."""
         config = self._config
         return {
             "access_token": pair.access_token,
@@ -92,7 +92,7 @@ class Tokens:
             "domain": config.oauth_domain,
             "server_endpoint": config.server_endpoint,
             "status": "L",
-            "client_endpoint": config.client_endpoint,
+            "client_endpoint": client_endpoint,
             "member_id": config.member_id,
             "user_id": pair.user_id,
             "refresh_token": pair.refresh_token,

@@ -1,8 +1,15 @@
-"""``event.offline.get/clear/error/list``."""
+"""``event.offline.get/clear/error/list``, after ``rest/lib/api/event.php``.
+
+The queue is the one of the request's ``auth_connector`` (``call.connector``), never of a
+parameter of the method. A ``process_id`` that is given but empty is taken at its word, as the
+module's SQL does: it names the unreserved rows.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import timedelta
+from typing import Any
 
 from bridge.emulator import params
 from bridge.emulator.errors import RestError, argument
@@ -20,17 +27,17 @@ def _offset(call: Call) -> timedelta:
 
 def offline_get(call: Call) -> Outcome:
     p, portal = call.params, call.portal
-    connector = params.connector(call)
+    connector = call.connector
     clear = params.flag(p.get("CLEAR"), default=True)
     if not clear and not portal.config.offline_extended:
         raise RestError("WRONG_LICENSE", "clear=0 needs the rest_offline_extended feature")
     error = params.flag(p.get("ERROR"), default=False)
     limit = params.integer(p.get("LIMIT"), "limit", 50)
     if limit <= 0:
-        raise argument("limit must be greater than 0")
+        raise argument("Value must be positive integer", "LIMIT")
     flt = parse_filter(p.get("FILTER"), GET_FIELDS, _offset(call))
     order = parse_order(p.get("ORDER"), GET_FIELDS, BY_TIME)
-    process_id = params.text(p.get("PROCESS_ID")) or None
+    process_id = params.present(call, "PROCESS_ID")
 
     queue = portal.store.queue(connector)
     rows = queue.select(flt, order, limit, error=error, process_id=process_id)
@@ -46,60 +53,76 @@ def offline_get(call: Call) -> Outcome:
     else:
         answer_id = process_id
         reserved = False
-        if clear:
+        if clear and rows:
             # Every row of the process goes, not only the `limit` returned.
             queue.delete(queue.of_process(process_id))
     return Outcome({"process_id": answer_id, "events": events}, rows=len(rows), reserved=reserved)
 
 
+_NOT_MESSAGE_IDS = "Value must be array of MESSAGE_ID values"
+
+
+def _array(value: object, description: str, name: str) -> list[Any]:
+    if not isinstance(value, Mapping | list):
+        raise argument(description, name)
+    return list(value.values()) if isinstance(value, Mapping) else value
+
+
 def _message_ids(value: object) -> set[str]:
     found = set()
-    for item in params.items(value):
-        if not isinstance(item, str) or len(item) != MESSAGE_ID_LENGTH:
-            raise argument("message_id must be a list of 32-character strings")
-        found.add(item)
+    for item in _array(value, _NOT_MESSAGE_IDS, "message_id"):
+        text = item.strip() if isinstance(item, str) else ""
+        if len(text) != MESSAGE_ID_LENGTH:
+            raise argument(_NOT_MESSAGE_IDS, "messsage_id")  # sic: the module's spelling
+        found.add(text)
     return found
 
 
 def _ids(value: object) -> set[int]:
     found = set()
-    for item in params.items(value):
-        number = params.integer(item, "id", 0)
+    for item in _array(value, "Value must be array of integers", "id"):
+        number = params.integer(item, "id", 0) if not isinstance(item, Mapping | list) else 0
         if number <= 0:
-            raise argument("id must be a list of positive integers")
+            raise argument("Value must be array of integers", "id")
         found.add(number)
     return found
 
 
+def _process_id(call: Call) -> str:
+    process_id = params.present(call, "PROCESS_ID")
+    if process_id is None:
+        raise argument("Argument 'PROCESS_ID' is null or empty", "PROCESS_ID")
+    return process_id
+
+
 def offline_clear(call: Call) -> Outcome:
     p = call.params
-    connector = params.connector(call)
-    process_id = params.required(call, "PROCESS_ID")
-    queue = call.portal.store.queue(connector)
+    process_id = _process_id(call)
+    queue = call.portal.store.queue(call.connector)
     rows = queue.of_process(process_id)
-    # PHP's empty(): an empty list is the same as no list, and clears the whole process.
-    if params.items(p.get("MESSAGE_ID")):
-        wanted = _message_ids(p.get("MESSAGE_ID"))
-        rows = [row for row in rows if row.message_id in wanted]
-    elif params.items(p.get("ID")):
-        ids = _ids(p.get("ID"))
-        rows = [row for row in rows if row.id in ids]
+    # A message_id array wins over id; an empty one clears the whole process, as no list does.
+    if p.get("MESSAGE_ID") is not None:
+        wanted = _message_ids(p["MESSAGE_ID"])
+        rows = [row for row in rows if row.message_id in wanted] if wanted else rows
+    elif p.get("ID") is not None:
+        ids = _ids(p["ID"])
+        rows = [row for row in rows if row.id in ids] if ids else rows
     queue.delete(rows)
     return Outcome(True)
 
 
 def offline_error(call: Call) -> Outcome:
-    connector = params.connector(call)
-    process_id = params.required(call, "PROCESS_ID")
-    wanted = _message_ids(call.params.get("MESSAGE_ID"))
+    process_id = _process_id(call)
+    items = _array(call.params.get("MESSAGE_ID"), _NOT_MESSAGE_IDS, "message_id")
+    wanted = {str(item).strip() for item in items if not isinstance(item, Mapping | list)}
     if wanted:
-        call.portal.store.queue(connector).mark_error(process_id, wanted)
+        call.portal.store.queue(call.connector).mark_error(process_id, wanted)
     return Outcome(True)
 
 
 def offline_list(call: Call) -> Outcome:
     p, portal = call.params, call.portal
-    connector = params.connector(call)
+    connector = call.connector
     flt = parse_filter(p.get("FILTER"), LIST_FIELDS, _offset(call))
     order = parse_order(p.get("ORDER"), LIST_FIELDS, BY_ID)
     start = max(0, params.integer(p.get("START"), "start", 0))

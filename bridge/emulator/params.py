@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from bridge.emulator.errors import RestError, argument
+from bridge.emulator.errors import argument
 from bridge.emulator.model import Call
 
 _TRUE = {"1", "y", "yes", "true", "on"}
@@ -56,15 +56,18 @@ def items(value: Any) -> list[Any]:
     return [value]
 
 
-def connector(call: Call) -> str:
-    name = text(call.params.get("AUTH_CONNECTOR"))
-    if name and not call.portal.config.auth_connector_feature:
-        raise RestError("WRONG_LICENSE", "auth_connector needs the rest_auth_connector feature")
-    return name
-
-
 def required(call: Call, name: str) -> str:
     value = text(call.params.get(name))
     if not value:
-        raise argument(f"Required parameter {name.lower()} is missing")
+        raise argument(f"Argument '{name}' is null or empty", name)
     return value
+
+
+def present(call: Call, name: str) -> str | None:
+    """PHP's ``isset(...) ? trim(...) : null``: an empty string is present, and stays empty."""
+    value = call.params.get(name)
+    if value is None:
+        return None
+    if isinstance(value, Mapping | list):
+        raise argument(f"{name} must be a string", name.lower())
+    return str(value).strip()

@@ -5,46 +5,42 @@ All of it is touched only from the emulator's event loop.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
-from bridge.emulator.config import EmulatorConfig
-from bridge.emulator.limits import LeakyBucket, OperatingTime
+from bridge.emulator import notices
+from bridge.emulator.config import APP_VERSION, EmulatorConfig
+from bridge.emulator.faults import Faults
+from bridge.emulator.limits import LeakyBucket
 from bridge.emulator.notify import Notifier
-from bridge.emulator.oauth import TokenPair, Tokens
+from bridge.emulator.oauth import Tokens
+from bridge.emulator.operating import LoadLimiter
 from bridge.emulator.queue import OfflineStore
 
-APP_VERSION = 1
+__all__ = ["APP_VERSION", "Incoming", "OnlineBinding", "Portal", "Target"]
 
 
 @dataclass(frozen=True, slots=True)
 class OnlineBinding:
+    id: int  # the row's ID: notifications carry it as event_handler_id
     event: str
     handler: str
     auth_type: int
     min_timeout: float | None
 
 
-@dataclass
-class Faults:
-    latency_ms: float | None = None  # None: the configured latency
-    fail: dict[str, int] = field(default_factory=dict)
-    fail_with: dict[str, tuple[str, int]] = field(default_factory=dict)
-    drop_next_reservation: bool = False
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where a notification goes, and the binding that sends it there."""
 
-    def take_failure(self, method: str) -> str | None:
-        """The error code the next call of ``method`` must answer with, if one is injected."""
-        if self.fail.get(method, 0) > 0:
-            self.fail[method] -= 1
-            return "INTERNAL_SERVER_ERROR"
-        code, count = self.fail_with.get(method, ("", 0))
-        if count > 0:
-            self.fail_with[method] = (code, count - 1)
-            return code
-        return None
+    url: str
+    min_timeout: float
+    handler_id: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +56,7 @@ class Portal:
         self.tokens = Tokens(config)
         self.store = OfflineStore(config.utc_offset_minutes)
         self.bucket = LeakyBucket(config.rate_limit, config.rate_burst)
-        self.operating = OperatingTime(config.operating_budget)
+        self.operating = LoadLimiter(config.operating_limit)
         self.notifier = Notifier()
         self.faults = Faults()
         self.offline: set[tuple[str, str]] = set()  # (EVENT, connector)
@@ -70,6 +66,12 @@ class Portal:
         self.last_offline_notice: float | None = None
         self.suppressed = 0
         self.time_shift = 0.0  # moved by the control API: the portal's clock, not the host's
+        self._binding_ids = itertools.count(1)
+        # --handler stands for bindings made at install (the install URL is one, ONAPPINSTALL's):
+        # they have IDs like any other binding.
+        self._implicit: dict[str, int] = {}
+        self._cleaned_at = self.now()
+        self.cleaned = 0
 
     def now(self) -> float:
         return self.config.clock() + self.time_shift
@@ -93,6 +95,20 @@ class Portal:
         self.last_offline_notice = None
         self.suppressed = 0
 
+    # -- where the portal is ---------------------------------------------------------------
+
+    @property
+    def base_url(self) -> str:
+        return self.faults.moved_to or self.config.base_url
+
+    @property
+    def domain(self) -> str:
+        return urlsplit(self.base_url).netloc
+
+    @property
+    def client_endpoint(self) -> str:
+        return f"{self.base_url}/rest/"
+
     # -- portal activity ------------------------------------------------------------------------
 
     def is_bound(self, event: str, connector: str) -> bool:
@@ -103,6 +119,7 @@ class Portal:
         counts = {"added": 0, "coalesced": 0, "ignored": 0}
         last_user = None
         now = self.now()
+        self.clean_if_due(now)
         for item in events:
             if not self.is_bound(item.event, connector):
                 counts["ignored"] += 1
@@ -119,67 +136,49 @@ class Portal:
         target = self.handler_for("ONOFFLINEEVENT")
         if target is None:
             return
-        url, min_timeout = target
         now = self.now()
-        if self.last_offline_notice is not None and now - self.last_offline_notice < min_timeout:
+        if self.last_offline_notice is not None and (
+            now - self.last_offline_notice < target.min_timeout
+        ):
             self.suppressed += 1
             return
         self.last_offline_notice = now
-        self.notifier.fire(url, self.offline_notice(user_id))
+        self.notifier.fire(target.url, notices.offline(self, target.handler_id, user_id))
 
-    def handler_for(self, event: str) -> tuple[str, float] | None:
+    def new_binding_id(self) -> int:
+        return next(self._binding_ids)
+
+    def implicit_binding(self, event: str) -> int:
+        found = self._implicit.get(event)
+        if found is None:
+            found = self._implicit[event] = self.new_binding_id()
+        return found
+
+    def handler_for(self, event: str) -> Target | None:
         for binding in self.online:
             if binding.event == event:
                 timeout = binding.min_timeout
-                return binding.handler, self.config.min_timeout if timeout is None else timeout
+                return Target(
+                    binding.handler,
+                    self.config.min_timeout if timeout is None else timeout,
+                    binding.id,
+                )
         if self.config.handler_url:
-            return self.config.handler_url, self.config.min_timeout
+            return Target(
+                self.config.handler_url, self.config.min_timeout, self.implicit_binding(event)
+            )
         return None
 
-    # -- notification bodies ------------------------------------------------------------------
+    def clean_if_due(self, now: float) -> None:
+        """The cleanup agent runs now and then; the emulator runs it when a request comes."""
+        if now - self._cleaned_at >= self.config.cleanup_interval:
+            self.clean(now)
 
-    def _auth(self) -> dict[str, Any]:
-        config = self.config
-        return {
-            "domain": config.domain,
-            "client_endpoint": config.client_endpoint,
-            "server_endpoint": config.server_endpoint,
-            "member_id": config.member_id,
-            "application_token": config.application_token,
-            "status": "L",
-        }
-
-    def _user_auth(self, pair: TokenPair) -> dict[str, Any]:
-        return {
-            "access_token": pair.access_token,
-            "expires": pair.expires,
-            "expires_in": int(self.config.token_ttl),
-            "scope": self.config.scope,
-            "refresh_token": pair.refresh_token,
-            "user_id": pair.user_id,
-        }
-
-    def offline_notice(self, user_id: int | None) -> dict[str, Any]:
-        auth = self._auth()
-        if user_id is not None:
-            # The user whose action caused it, who need not be an administrator.
-            auth.update(self._user_auth(self.tokens.issue(user_id, self.now())))
-        return {"event": "ONOFFLINEEVENT", "data": "", "ts": int(self.now()), "auth": auth}
-
-    def install_notice(self, user_id: int = 1) -> dict[str, Any]:
-        pair = self.tokens.issue(user_id, self.now())
-        data = {"VERSION": APP_VERSION, "ACTIVE": "Y", "INSTALLED": "Y", "LANGUAGE_ID": "en"}
-        auth = {**self._auth(), **self._user_auth(pair)}
-        return {"event": "ONAPPINSTALL", "data": data, "ts": int(self.now()), "auth": auth}
-
-    def uninstall_notice(self, clean: bool) -> dict[str, Any]:
-        data = {"CLEAN": int(clean)}
-        return {
-            "event": "ONAPPUNINSTALL",
-            "data": data,
-            "ts": int(self.now()),
-            "auth": self._auth(),
-        }
+    def clean(self, now: float) -> int:
+        self._cleaned_at = now
+        removed = sum(queue.clean(now) for queue in self.store.queues.values())
+        self.cleaned += removed
+        return removed
 
     def install(self) -> None:
         """A (re)install: bindings vanish, as on a real portal."""

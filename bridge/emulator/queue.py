@@ -6,23 +6,19 @@ costs O(limit) even on a queue of hundreds of thousands of rows.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
-import json
 import secrets
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+from bridge.emulator.phpjson import message_id
 from bridge.emulator.query import Filter, Order
 
-_SERIALIZE = json.JSONEncoder(sort_keys=True, separators=(",", ":")).encode
-
-
-def message_id(event_name: str, data: Any) -> str:
-    serialized = event_name.upper() + _SERIALIZE(data)
-    return hashlib.md5(serialized.encode(), usedforsecurity=False).hexdigest()
+# A reservation older than this (counted from the event's TIMESTAMP_X) is deleted by the
+# portal's cleanup agent (EventOfflineTable::PROCESS_ID_LIFETIME, "30 days", in fact 34 1/6).
+PROCESS_ID_LIFETIME = 2_952_000
 
 
 def new_process_id() -> str:
@@ -77,7 +73,7 @@ class OfflineQueue:
         if stamp < self._last_written:
             self._in_time_order = False
         self._last_written = max(self._last_written, stamp)
-        mid = message_id(event_name, data)
+        mid = message_id(event_name.upper(), data)
         row = self._unreserved.get(mid)
         if row is not None:
             home = self._errors if row.error else self._free
@@ -97,8 +93,7 @@ class OfflineQueue:
         self, flt: Filter, order: Order, limit: int, *, error: bool, process_id: str | None
     ) -> list[Row]:
         if process_id is not None:
-            pool: Iterable[Row] = self.processes.get(process_id, {}).values()
-            pool = [row for row in pool if row.error == error]
+            pool: Iterable[Row] = [r for r in self.of_process(process_id) if r.error == error]
         else:
             home = self._errors if error else self._free
             descending = order.by_time
@@ -140,20 +135,47 @@ class OfflineQueue:
         return count
 
     def of_process(self, process_id: str) -> list[Row]:
+        """Rows stamped with ``process_id``; the empty one is every unreserved row, as in SQL."""
+        if not process_id:
+            return [*self._free.values(), *self._errors.values()]
         return list(self.processes.get(process_id, {}).values())
 
     def mark_error(self, process_id: str, message_ids: set[str]) -> None:
+        """``EventOfflineTable::markError``: the process's rows become error rows, unreserved.
+
+        First every other row with those MESSAGE_IDs that is not an error row goes, a newer
+        free copy and other processes' reservations alike; so (MESSAGE_ID, PROCESS_ID) stays
+        unique when the marked rows lose their process.
+        """
+        doomed = [
+            row
+            for row in self.rows.values()
+            if row.message_id in message_ids and not row.error and row.process_id != process_id
+        ]
+        self.delete(doomed)
         for row in [r for r in self.of_process(process_id) if r.message_id in message_ids]:
-            self.delete([row])
             twin = self._unreserved.get(row.message_id)
-            if twin is not None:
-                # (MESSAGE_ID, PROCESS_ID) is unique: a newer free copy absorbs the error mark.
-                self.delete([twin])
-                row = twin
+            if row.error or (twin is not None and twin is not row):
+                continue  # an error row already (SQL touches only ERROR=0 rows)
+            if row.process_id:
+                reserved = self.processes[row.process_id]
+                del reserved[row.id]
+                if not reserved:
+                    del self.processes[row.process_id]
+            else:
+                del self._free[row.id]
             row.process_id, row.error, row.seq = "", True, next(self._seqs)
-            self.rows[row.id] = row
             self._errors[row.id] = row
             self._unreserved[row.message_id] = row
+
+    def clean(self, now: float) -> int:
+        """The cleanup agent: every row whose event is older than the lifetime is deleted.
+
+        ``cleanProcessAgent`` once deleted only reserved rows (``PROCESS_ID<>''``); the module
+        now deletes every row older than ``PROCESS_ID_LIFETIME``, free ones included.
+        """
+        cutoff = now - PROCESS_ID_LIFETIME
+        return self.delete([row for row in self.rows.values() if row.timestamp < cutoff])
 
     # -- counters --------------------------------------------------------------------------
 

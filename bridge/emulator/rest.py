@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from urllib.parse import urlsplit
 
 from bridge.emulator import batch, offline, params
 from bridge.emulator.errors import RestError, argument
@@ -16,20 +17,32 @@ def _already() -> RestError:
     return RestError("ERROR_CORE", "Handler already binded")
 
 
+def check_callback(url: str) -> None:
+    """``HandlerHelper::checkCallback``: a host with a dot (not first), then http or https."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+    except ValueError:
+        host = ""
+    if host.find(".") <= 0:
+        raise RestError("ERROR_WRONG_HANDLER_URL")
+    if parts.scheme not in ("http", "https"):
+        raise RestError("ERROR_UNSUPPORTED_PROTOCOL")
+
+
 def event_bind(call: Call) -> Outcome:
     p, portal = call.params, call.portal
     event = params.required(call, "EVENT").upper()
     if params.text(p.get("EVENT_TYPE")).lower() == "offline":
         if event == "ONOFFLINEEVENT":
-            raise argument("ONOFFLINEEVENT cannot be bound offline")
-        key = (event, params.connector(call))
+            raise argument("Offline event cannot be registered for this event.")
+        key = (event, call.connector)
         if key in portal.offline:
             raise _already()
         portal.offline.add(key)
         return Outcome(True)
     handler = params.required(call, "HANDLER")
-    if not handler.startswith(("http://", "https://")):
-        raise argument("Wrong handler URL")
+    check_callback(handler)
     options = p.get("OPTIONS")
     min_timeout = None
     if isinstance(options, Mapping) and options.get("minTimeout") not in (None, ""):
@@ -40,7 +53,8 @@ def event_bind(call: Call) -> Outcome:
     if any(b.event == event and b.handler == handler for b in portal.online):
         raise _already()
     auth_type = params.integer(p.get("AUTH_TYPE"), "auth_type", 0)
-    portal.online.append(OnlineBinding(event, handler, auth_type, min_timeout))
+    binding = OnlineBinding(portal.new_binding_id(), event, handler, auth_type, min_timeout)
+    portal.online.append(binding)
     return Outcome(True)
 
 
@@ -61,7 +75,7 @@ def event_unbind(call: Call) -> Outcome:
     p, portal = call.params, call.portal
     event = params.required(call, "EVENT").upper()
     if params.text(p.get("EVENT_TYPE")).lower() == "offline":
-        key = (event, params.connector(call))
+        key = (event, call.connector)
         count = int(key in portal.offline)
         portal.offline.discard(key)
         return Outcome({"count": count})

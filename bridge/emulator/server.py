@@ -31,9 +31,11 @@ class ThreadedServer:
         *,
         log_level: str | None = None,
         log_config: dict[str, Any] | None = None,
+        tls: tuple[str, str] | None = None,
     ) -> None:
         # Without a log level or config uvicorn leaves the host process's logging alone.
         self.host = host
+        self._tls = tls  # (certificate file, key file): serve HTTPS
         self._requested_port = port
         self._log_level = log_level
         self._log_config = log_config
@@ -74,6 +76,8 @@ class ThreadedServer:
             proxy_headers=False,
             server_header=False,
             timeout_graceful_shutdown=2,
+            ssl_certfile=self._tls[0] if self._tls else None,
+            ssl_keyfile=self._tls[1] if self._tls else None,
         )
         server = uvicorn.Server(config)
         self._server = server
@@ -134,8 +138,11 @@ class EmulatorServer:
         log_config: dict[str, Any] | None = None,
     ) -> None:
         config = config if config is not None else EmulatorConfig()
+        tls = None
+        if config.tls_certfile:
+            tls = (config.tls_certfile, config.tls_keyfile or config.tls_certfile)
         self._runner = ThreadedServer(
-            config.host, config.port, log_level=log_level, log_config=log_config
+            config.host, config.port, log_level=log_level, log_config=log_config, tls=tls
         )
         self.config = config
         self.portal: Portal | None = None

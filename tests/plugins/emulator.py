@@ -19,8 +19,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from bridge import phpquery
 from bridge.emulator import EmulatorConfig, EmulatorServer, ThreadedServer
+from bridge.emulator.phpform import parse_str
 
 
 @dataclass
@@ -29,6 +29,7 @@ class Notification:
     content_type: str
     form: dict[str, Any]
     received_at: float
+    body: bytes = b""
 
 
 @dataclass
@@ -49,8 +50,9 @@ class NotificationSink:
         notification = Notification(
             request.url.path,
             request.headers.get("content-type", ""),
-            phpquery.decode(body),
+            parse_str(body),
             time.monotonic(),
+            body,
         )
         with self._changed:
             self.received.append(notification)
