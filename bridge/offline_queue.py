@@ -208,8 +208,8 @@ class OfflineQueue:
         """One request: clear confirmed pages and reserve as many pages as the budget allows."""
         pacer = self.client.pacer
         while True:
-            clear_room = self._clear_room(len(to_clear))
-            gets = pacer.plan(GET, clear_room, MAX_RESERVATIONS)
+            gets = pacer.plan(GET, 0, MAX_RESERVATIONS)
+            clear_room = self._clear_room(len(to_clear), MAX_COMMANDS - gets)
             if gets >= 1:
                 break
             if clear_room and pacer.budget("batch").room() >= 1:
@@ -272,10 +272,11 @@ class OfflineQueue:
                 report.covered_until = float(start)
         return reservations, exhausted, error
 
-    def _clear_room(self, waiting: int) -> int:
+    def _clear_room(self, waiting: int, commands: int) -> int:
+        """Clears for the next batch, beside reservations that leave ``commands`` free."""
         if not waiting:
             return 0
-        room = min(self.client.pacer.plan(CLEAR, 1, waiting), MAX_COMMANDS - 1)
+        room = min(self.client.pacer.plan(CLEAR, 0, waiting), commands)
         return max(room, 1)  # never starve clears: they are what frees the portal's queue
 
     async def _clear_batch(

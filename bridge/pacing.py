@@ -12,7 +12,7 @@ Per method, the pacer keeps two guards:
 - a leaky bucket draining at the sustainable rate (limit / window, with a safety margin), which
   spreads the spending evenly;
 - the portal's own running total, read from ``time.operating`` of every successful answer, plus
-  what was sent since, which must stay under the limit. So a bridge restarted mid-backlog
+  what was sent since, which must stay under the limit less a small margin. So a bridge restarted mid-backlog
   respects what its predecessor spent: until the first answer tells the total, one call at a
   time. The total is never assumed to shrink; when it blocks, one call is let through every
   ``probe_interval`` to read it again (a call's cost is small next to the margin).
@@ -24,6 +24,7 @@ the method locally; it is probed at most once a minute until the portal serves i
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -31,6 +32,7 @@ MAX_COMMANDS = 50  # commands a batch runs; more are refused one by one
 WINDOW = 600.0
 BAN_PROBE_INTERVAL = 60.0  # at most one call a minute to a banned method
 MIN_COST = 0.001  # a call is never assumed free
+CEILING_MARGIN = 0.02  # of the limit, kept free of the portal's running total
 
 
 class MethodBudget:
@@ -48,13 +50,16 @@ class MethodBudget:
         self.limit = limit
         self.rate = limit / WINDOW * safety
         self.capacity = self.rate * burst_seconds
-        self.ceiling = limit * safety
+        # The portal's total may come this close to the limit: a margin for what one request
+        # may cost beyond its estimate. (The sustainable rate keeps a long run far below it.)
+        self.ceiling = limit - max(2.0, CEILING_MARGIN * limit)
         self.probe_interval = probe_interval
         self._clock = clock
         self._level = 0.0
         self._at = clock()
         self.cost = 0.02  # seconds per call until the portal tells us better
         self._learned = False
+        self._history: deque[tuple[float, float, int]] = deque(maxlen=12)
         self.reported: float | None = None  # the portal's running total, last we heard
         self._reported_at = -1e18
         self._sent_since = 0.0  # our spending the report does not cover yet
@@ -142,20 +147,34 @@ class MethodBudget:
         if reset_in is not None:
             self.reset_at = now + max(0.0, reset_in)
         total = values[-1]
-        if self.reported is not None and now - self._reported_at < 5.0 and calls > 0:
-            grown = total - self.reported
-            if grown > 0:
-                self._learn(grown / calls)
+        self._learn_from(now, total, calls)
         self.reported = total
         self._reported_at = now
-        # What this request spent may or may not be in its own answer (the portal may add a
+        # What this request spent may or may not be in its own answer (the portal adds a
         # request's time when it ends): keep counting it once more, to be safe.
         self._sent_since = calls * max(self.cost, MIN_COST)
         self.banned_until = 0.0
 
-    def _learn(self, observed: float) -> None:
-        self.cost = 0.7 * self.cost + 0.3 * observed if self._learned else observed
-        self._learned = True
+    def _learn_from(self, now: float, total: float, calls: int) -> None:
+        """A call's cost from the growth of the total over the last few answers.
+
+        Whether an answer's total includes its own request depends on the portal (LoadLimiter
+        v2 adds a request's time when it ends), so the growth is divided by the mean of the
+        two possible call counts; over several requests the difference is small.
+        """
+        history = self._history
+        if history and (total < history[-1][1] or now - history[-1][0] > 60.0):
+            history.clear()  # part of the window expired, or too long ago: start again
+        history.append((now, total, calls))
+        if len(history) < 3:
+            return
+        grown = total - history[0][1]
+        counted = [c for _t, _total, c in history]
+        calls_between = (sum(counted[1:]) + sum(counted[:-1])) / 2
+        if grown > 0 and calls_between > 0:
+            observed = grown / calls_between
+            self.cost = 0.5 * self.cost + 0.5 * observed if self._learned else observed
+            self._learned = True
 
     def ban(self) -> float:
         """The portal refused the method: wait, then probe once a minute. Answers the wait."""

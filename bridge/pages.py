@@ -32,6 +32,9 @@ class ConfirmedPage:
     done: bool
 
     def __post_init__(self) -> None:
+        # An empty process_id selects every unreserved row (free and parked) of the queue.
+        if not self.process_id:
+            raise ValueError("a confirmed page belongs to a reservation")
         # Bitrix24 reads an empty list as "the whole process": never send one.
         if not self.message_ids:
             raise ValueError("a confirmed page names at least one event")

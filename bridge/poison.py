@@ -69,6 +69,8 @@ class PoisonGuard:
 
     async def park(self, process_id: str, items: Sequence[Refused]) -> list[str]:
         """Take ``items`` out of the way; answers the MESSAGE_IDs now free of the reservation."""
+        if not process_id:
+            raise ValueError("parking needs the reservation's process_id")
         by_message = [i for i in items if _message_id(i.row) is not None]
         local = [i for i in items if _message_id(i.row) is None]
         parked: list[str] = []
