@@ -12,10 +12,10 @@ Per method, the pacer keeps two guards:
 - a leaky bucket draining at the sustainable rate (limit / window, with a safety margin), which
   spreads the spending evenly;
 - the portal's own running total, read from ``time.operating`` of every successful answer, plus
-  what was sent since, which must stay under the limit less a small margin. So a bridge restarted mid-backlog
-  respects what its predecessor spent: until the first answer tells the total, one call at a
-  time. The total is never assumed to shrink; when it blocks, one call is let through every
-  ``probe_interval`` to read it again (a call's cost is small next to the margin).
+  what was sent since, which must stay under the limit less a small margin. So a bridge
+  restarted mid-backlog respects what its predecessor spent: until the first answer tells the
+  total, one call at a time. The total is never assumed to shrink; when it blocks, one call
+  is let through every ``probe_interval`` (or at ``operating_reset_at``) to read it again.
 
 A call that is refused anyway (``OPERATION_TIME_LIMIT``, which carries no ``time`` block) bans
 the method locally; it is probed at most once a minute until the portal serves it again.
