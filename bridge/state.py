@@ -11,7 +11,7 @@ import asyncio
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -59,6 +59,16 @@ CREATE TABLE IF NOT EXISTS seen (
     id TEXT NOT NULL,
     added_at REAL NOT NULL,
     PRIMARY KEY (source, key, id)
+);
+CREATE TABLE IF NOT EXISTS rejects (
+    source TEXT NOT NULL,
+    key TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    position TEXT,
+    reason TEXT NOT NULL,
+    body TEXT NOT NULL,
+    recorded_at REAL NOT NULL,
+    PRIMARY KEY (source, key, fingerprint)
 );
 """
 
@@ -372,6 +382,58 @@ class State:
     async def set_source_secret(self, source: str, key: str, value: str) -> None:
         """Stored in ``cursors``, encrypted with ``BRIDGE_STATE_KEY`` when one is set."""
         await self.set_cursor(source, key, self._seal(value))
+
+    async def set_source_values(
+        self, source: str, values: Mapping[str, str], *, secret: Collection[str] = ()
+    ) -> None:
+        """Several ``cursors`` rows in one transaction: all of them are on disk, or none.
+
+        The keys named in ``secret`` are sealed like :meth:`set_source_secret`.
+        """
+
+        def run() -> None:
+            now = time.time()
+            rows = [
+                (source, k, self._seal(v) if k in secret else v, now) for k, v in values.items()
+            ]
+            with self._conn:
+                self._conn.executemany(
+                    "INSERT INTO cursors VALUES (?,?,?,?) ON CONFLICT(source, key) DO UPDATE SET "
+                    "value=excluded.value, updated_at=excluded.updated_at",
+                    rows,
+                )
+
+        await self._write(run)
+
+    # -- events of polled sources that could not be published ------------------------------
+
+    async def reject_add(
+        self, source: str, key: str, fingerprint: str, position: str | None, reason: str, body: str
+    ) -> bool:
+        """Record an event set aside as malformed; False if that very event was recorded before."""
+
+        def run() -> bool:
+            with self._conn:
+                cursor = self._conn.execute(
+                    "INSERT OR IGNORE INTO rejects VALUES (?,?,?,?,?,?,?)",
+                    (source, key, fingerprint, position, reason, body, time.time()),
+                )
+            return cursor.rowcount > 0
+
+        return await self._write(run)
+
+    async def rejects(self, source: str, key: str) -> list[dict[str, Any]]:
+        """The recorded rejects of one source key, oldest first."""
+
+        def run() -> list[dict[str, Any]]:
+            rows = self._conn.execute(
+                "SELECT fingerprint, position, reason, body, recorded_at FROM rejects "
+                "WHERE source=? AND key=? ORDER BY recorded_at, rowid",
+                (source, key),
+            )
+            return [dict(r) for r in rows]
+
+        return await self._run(run)
 
 
 def _connect(path: str) -> sqlite3.Connection:

@@ -12,7 +12,8 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 
-from bridge.diadoc.client import AUTH_SOURCE, REFRESH_KEY, DiadocAuth, DiadocClient
+from bridge.diadoc.auth import AUTH_SOURCE, REFRESH_KEY, DiadocAuth
+from bridge.diadoc.client import DiadocClient
 from bridge.diadoc.emulator import DiadocEmulator, DiadocEmulatorServer, FaultRule
 from bridge.diadoc.metrics import DiadocMetrics
 from bridge.diadoc.ticks import timestamp

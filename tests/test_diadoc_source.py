@@ -19,11 +19,13 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 
-from bridge.diadoc.client import DiadocAuth, DiadocClient
+from bridge.diadoc.auth import DiadocAuth
+from bridge.diadoc.client import DiadocClient
+from bridge.diadoc.cursor import Cursor
 from bridge.diadoc.emulator import DiadocEmulator, DiadocEmulatorServer, FaultRule
 from bridge.diadoc.metrics import DiadocMetrics
 from bridge.diadoc.settings import load_diadoc_settings
-from bridge.diadoc.source import SOURCE, Cursor, DocflowFeed, FeedOptions
+from bridge.diadoc.source import SOURCE, DocflowFeed, FeedOptions
 from bridge.diadoc.wiring import PolledDrainer, diadoc_drainers, diadoc_status
 from bridge.metrics import Metrics
 from bridge.offline_queue import NotConfirmed
