@@ -52,8 +52,10 @@ def make_client(
     bootstrap: str | None,
     *,
     secret: str | None = None,
+    version: str = "V5",
+    registry: CollectorRegistry | None = None,
 ) -> DiadocClient:
-    metrics = DiadocMetrics(CollectorRegistry())
+    metrics = DiadocMetrics(registry or CollectorRegistry())
     auth = DiadocAuth(
         http,
         token_url=diadoc.token_url,
@@ -64,7 +66,13 @@ def make_client(
         metrics=metrics,
     )
     return DiadocClient(
-        http, auth, api_url=diadoc.api_url, metrics=metrics, backoff_base=0.01, backoff_cap=0.05
+        http,
+        auth,
+        api_url=diadoc.api_url,
+        api_version=version,
+        metrics=metrics,
+        backoff_base=0.01,
+        backoff_cap=0.05,
     )
 
 
@@ -138,7 +146,7 @@ async def test_persistent_5xx_ends_as_transient_error(
     assert "X-Diadoc-ErrorCode: Internal" in str(info.value)
 
 
-@pytest.mark.parametrize("status", [400, 402, 403, 405])
+@pytest.mark.parametrize("status", [400, 402, 403, 404, 405, 415])
 async def test_configuration_errors_stop(
     diadoc: DiadocEmulatorServer, state: State, http: httpx.AsyncClient, status: int
 ) -> None:
@@ -193,3 +201,89 @@ async def test_stored_refresh_token_is_encrypted_with_the_state_key(
     assert plain is not None
     assert raw.startswith("fernet:")
     assert plain not in raw
+
+
+async def test_v5_by_default_and_the_version_is_a_setting(
+    diadoc: DiadocEmulatorServer, state: State, http: httpx.AsyncClient
+) -> None:
+    diadoc.model.add_events("box-a", document_type="Invoice")
+    current = make_client(diadoc, state, http, diadoc.model.issue_refresh_token())
+    page = await current.docflow_events("box-a", {**REQUEST, "PopulateDocuments": True})
+    assert page.events[0]["Document"]["DocumentInfo"]["FullVersion"]["TypeNamedId"] == "Invoice"
+    older = make_client(diadoc, state, http, None, version="V4")
+    await older.docflow_events("box-a", REQUEST)
+    assert [r["version"] for r in diadoc.model.requests] == [5, 4]
+
+
+async def test_a_sunset_header_is_logged_and_counted(
+    diadoc: DiadocEmulatorServer,
+    state: State,
+    http: httpx.AsyncClient,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    registry = CollectorRegistry()
+    client = make_client(
+        diadoc, state, http, diadoc.model.issue_refresh_token(), version="V3", registry=registry
+    )
+    for _ in range(2):
+        await client.docflow_events("box-a", REQUEST)
+    labels = {"version": "V3", "header": "sunset"}
+    notices = registry.get_sample_value(
+        "bitrix24_bridge_diadoc_api_deprecation_notices_total", labels
+    )
+    assert notices == 2
+    sunset = registry.get_sample_value(
+        "bitrix24_bridge_diadoc_api_sunset_timestamp_seconds", {"version": "V3"}
+    )
+    assert sunset == 1806710400  # 3 April 2027
+    assert [r.getMessage() for r in caplog.records].count(
+        "Diadoc announces the retirement of the API version in use; set "
+        "BRIDGE_DIADOC_API_VERSION to a current one before that date"
+    ) == 1
+
+
+@pytest.mark.parametrize("retry_after", [120, "Wed, 21 Oct 2099 07:28:00 GMT"])
+async def test_a_long_retry_after_goes_to_the_box_back_off(
+    diadoc: DiadocEmulatorServer, state: State, http: httpx.AsyncClient, retry_after: str | int
+) -> None:
+    client = make_client(diadoc, state, http, diadoc.model.issue_refresh_token())
+    diadoc.model.add_faults([FaultRule(status=429, count=5, retry_after=retry_after)])
+    with pytest.raises(TransientError) as info:
+        await client.docflow_events("box-a", REQUEST)
+    # Not asked again before the server is ready: the box's back-off waits instead (at most an
+    # hour, whatever the date says).
+    assert diadoc.model.counters()["statuses"] == {"429": 1}
+    assert info.value.retry_after == (120 if retry_after == 120 else 3600)
+
+
+async def test_an_unknown_version_stops_with_a_reason(
+    diadoc: DiadocEmulatorServer, state: State, http: httpx.AsyncClient
+) -> None:
+    client = make_client(diadoc, state, http, diadoc.model.issue_refresh_token(), version="V9")
+    with pytest.raises(PortalStopped) as info:
+        await client.docflow_events("box-a", REQUEST)
+    assert "HTTP 404" in str(info.value)
+    assert "BRIDGE_DIADOC_API_VERSION" in str(info.value)
+
+
+async def test_403_points_at_the_department_setting(
+    diadoc: DiadocEmulatorServer, state: State, http: httpx.AsyncClient
+) -> None:
+    diadoc.model.add_box("box-d", department="dep-1")
+    client = make_client(diadoc, state, http, diadoc.model.issue_refresh_token())
+    with pytest.raises(PortalStopped, match="BRIDGE_DIADOC_DEPARTMENT_ID"):
+        await client.docflow_events("box-d", REQUEST)
+    page = await client.docflow_events("box-d", {**REQUEST, "DepartmentId": "dep-1"})
+    assert page.events == ()
+
+
+async def test_a_protobuf_answer_stops_the_box_with_a_clear_reason(
+    diadoc: DiadocEmulatorServer, state: State
+) -> None:
+    async def forget_accept(request: httpx.Request) -> None:
+        del request.headers["Accept"]  # a client that forgets to ask for JSON
+
+    async with httpx.AsyncClient(event_hooks={"request": [forget_accept]}) as http:
+        client = make_client(diadoc, state, http, diadoc.model.issue_refresh_token())
+        with pytest.raises(PortalStopped, match="Accept: application/json"):
+            await client.docflow_events("box-a", REQUEST)
