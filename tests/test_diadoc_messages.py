@@ -142,6 +142,10 @@ def test_a_reject_keeps_enough_to_find_and_inspect_the_event() -> None:
     assert "Timestamp" in reject.reason
     assert json.loads(reject.body) == raw
     assert reject.fingerprint == Reject.of(json.loads(reject.body), info.value).fingerprint
+    bare = {k: v for k, v in raw.items() if k != "Document"}  # as the re-scan reads it
+    assert Reject.of(bare, info.value).fingerprint == reject.fingerprint
+    other = {**bare, "EventId": "another"}
+    assert Reject.of(other, info.value).fingerprint != reject.fingerprint
     huge = Reject.of({"EventId": "x" * (2 * MAX_REJECT_BODY)}, info.value)
     assert len(huge.body) == MAX_REJECT_BODY
     assert huge.index_key is None

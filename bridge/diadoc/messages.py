@@ -20,6 +20,7 @@ from bridge.publisher import OutgoingMessage
 
 UNKNOWN_TYPE = "unknown"
 MAX_REJECT_BODY = 65_536  # characters of a malformed event kept in the state file
+_POPULATED = frozenset({"Document", "PreviousDocumentState"})
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
@@ -43,8 +44,13 @@ class Reject:
 
     @property
     def fingerprint(self) -> str:
-        """The same event read again (by a re-scan, say) is recorded once."""
-        return hashlib.sha256(self.body.encode()).hexdigest()[:32]
+        """The same event read again is recorded once, with or without its document (the
+        re-scan reads bare events)."""
+        core = self.raw
+        if isinstance(core, Mapping):
+            core = {k: v for k, v in core.items() if k not in _POPULATED}
+        text = json.dumps(core, ensure_ascii=False, sort_keys=True, default=repr)
+        return hashlib.sha256(text.encode()).hexdigest()[:32]
 
     @classmethod
     def of(cls, raw: object, exc: MalformedEvent) -> Reject:
