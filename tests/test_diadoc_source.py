@@ -353,21 +353,41 @@ async def test_ties_at_page_boundaries_lose_and_duplicate_nothing(
 ) -> None:
     """A tie cut by a page boundary is read again whole; the seen-set keeps its members from
     being published twice (diadoc/diadocsdk-csharp issue 1083 is the real feed's tie)."""
-    rig: Rig = await make_rig(page_limit=5, rescan_interval=0.01)
+    rig: Rig = await make_rig(page_limit=5, rescan_window=0)  # the cursor alone
     try:
         collector = await consume(amqp_ns)
         for size in (1, 3, 4, 2, 5, 7, 1, 6, 2):  # 5 fills a page; 6 and 7 overflow it
             diadoc.model.add_events(BOX, count=size, tied=size > 1)
         await drain(rig)
         diadoc.model.add_events(BOX, count=4, tied=True)  # a tie arriving between passes
-        await asyncio.sleep(0.02)
-        await drain(rig, passes=2)  # with re-scans over the whole window
+        await drain(rig)
         counts = Counter(m.message_id for m in await collector.settle(quiet=0.3))
         assert set(counts) == keys(diadoc)
         assert set(counts.values()) == {1}  # not one duplicate
         assert (await rig.cursor()).after == diadoc.model.events(BOX)[-1].index_key
         assert rig.sample("duplicates_skipped_total", box=BOX) in (None, 0)
         assert rig.sample("tie_overflows_total", box=BOX) in (None, 0)
+    finally:
+        await rig.close()
+
+
+async def test_a_late_tie_cut_by_a_rescan_page_is_read_whole(
+    diadoc: DiadocEmulatorServer, amqp_ns: AmqpNamespace, make_rig: MakeRig
+) -> None:
+    rig: Rig = await make_rig(page_limit=100, rescan_interval=0.01, start_lookback=86_400)
+    try:
+        collector = await consume(amqp_ns)
+        diadoc.model.add_events(BOX, count=98, age_s=3 * 3600)
+        diadoc.model.add_events(BOX)  # the cursor ends here, now
+        await drain(rig)
+        # Filed late, behind the cursor, and across the re-scan's first page boundary (100).
+        tie = diadoc.model.add_events(BOX, count=5, tied=True, age_s=2 * 3600)
+        await asyncio.sleep(0.02)
+        await drain(rig)
+        counts = Counter(m.message_id for m in await collector.settle(quiet=0.3))
+        assert {e.key for e in tie} <= set(counts)
+        assert set(counts) == keys(diadoc)
+        assert set(counts.values()) == {1}
     finally:
         await rig.close()
 
