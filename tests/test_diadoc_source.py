@@ -24,11 +24,12 @@ from prometheus_client import CollectorRegistry
 from bridge.diadoc.auth import DiadocAuth
 from bridge.diadoc.client import DiadocClient
 from bridge.diadoc.cursor import Cursor
+from bridge.diadoc.delivery import SOURCE
 from bridge.diadoc.emulator import DiadocEmulator, DiadocEmulatorServer, FaultRule
 from bridge.diadoc.emulator.events import DEFECTS
 from bridge.diadoc.metrics import DiadocMetrics
 from bridge.diadoc.settings import load_diadoc_settings
-from bridge.diadoc.source import SOURCE, DocflowFeed, FeedOptions
+from bridge.diadoc.source import DocflowFeed, FeedOptions
 from bridge.diadoc.ticks import to_unix
 from bridge.diadoc.wiring import PolledDrainer, diadoc_drainers, diadoc_status
 from bridge.errors import TransientError
@@ -420,7 +421,7 @@ async def test_a_malformed_event_is_recorded_counted_and_passed(
     make_rig: MakeRig,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.ERROR, logger="bridge.diadoc.source")
+    caplog.set_level(logging.ERROR, logger="bridge.diadoc.delivery")
     rig: Rig = await make_rig(page_limit=4, rescan_interval=0.01)
     try:
         collector = await consume(amqp_ns)

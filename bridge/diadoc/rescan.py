@@ -36,12 +36,12 @@ async def rescan(feed: DocflowFeed, report: PassReport, *, from_ticks: int) -> i
         if page.empty:
             break
         scanned += len(page.events)
-        await feed.reject(page.rejects)
-        fresh = await feed.unseen(page.events)
+        await feed.delivery.reject(page.rejects)
+        fresh = await feed.delivery.unseen(page.events)
         if fresh:
             if feed.options.populate_documents:
                 fresh = await _with_documents(feed, fresh)
-            result = await feed.publish(fresh, report, late=True)
+            result = await feed.delivery.publish(fresh, report, late=True)
             if not result.complete:
                 raise NotConfirmed("re-scan: a page was not confirmed in full")
             late += len(result.confirmed)
@@ -49,7 +49,7 @@ async def rescan(feed: DocflowFeed, report: PassReport, *, from_ticks: int) -> i
             break
         resume = page.resume()
         if resume is None:
-            feed.tie_overflow(page)
+            feed.delivery.tie_overflow(page)
             resume = page.keys[-1]
         after = resume
     if late:

@@ -5,9 +5,8 @@ The cursor (where the next read resumes, stored per box) moves only through
 ``ConfirmedPage`` exists only when RabbitMQ confirmed every event of the page that needed
 publishing. A crash anywhere re-reads the page after the stored cursor: at-least-once.
 
-A malformed event does not hold its box: it is recorded in the state file (``rejects``),
-counted and logged, and the cursor passes it. Events filed late, behind the cursor, are the
-re-scan's business (:mod:`bridge.diadoc.rescan`).
+What is published and what is set aside as malformed is :mod:`bridge.diadoc.delivery`'s
+business; events filed late, behind the cursor, the re-scan's (:mod:`bridge.diadoc.rescan`).
 """
 
 from __future__ import annotations
@@ -15,23 +14,22 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
 from bridge.diadoc.client import DiadocClient
 from bridge.diadoc.cursor import MAX_LIMIT, ConfirmedPage, Cursor, Page
-from bridge.diadoc.messages import DocflowEvent, Reject, to_message
+from bridge.diadoc.delivery import SOURCE, Delivery
 from bridge.diadoc.metrics import DiadocMetrics
 from bridge.diadoc.rescan import rescan
 from bridge.diadoc.ticks import TICKS_PER_SECOND, timestamp, to_ticks, to_unix
 from bridge.offline_queue import NotConfirmed, PassReport
-from bridge.publisher import Publisher, PublishResult
+from bridge.publisher import Publisher
 from bridge.state import State
 
 log = logging.getLogger(__name__)
 
-SOURCE = "diadoc"
 # ToTimestamp of every read: far enough ahead that a server clock running fast cannot hide an
 # event from a read whose cursor then moves past it.
 FUTURE_MARGIN = 86_400.0
@@ -73,7 +71,14 @@ class DocflowFeed:
         self._last_rescan = -math.inf  # a fresh process re-scans first: it may follow a crash
         self.rescans = 0
         self.stopping = False
-        self._rereads: frozenset[str] = frozenset()
+        self.delivery = Delivery(
+            box_id,
+            state=state,
+            publisher=publisher,
+            metrics=metrics,
+            exchange=options.exchange,
+            seen_keep=options.seen_keep,
+        )
         # The lag counts from the last catch-up on record, or from this start.
         self.caught_up_at: float | None = None
         self._started = clock()
@@ -103,17 +108,17 @@ class DocflowFeed:
                 limit = MAX_LIMIT  # one tie filled the page: read it again, whole
                 continue
             if resume is None and page.full:
-                self.tie_overflow(page)
+                self.delivery.tie_overflow(page)
                 resume = page.keys[-1]
-            await self.reject(page.rejects)
-            result = await self.publish(page.events, report, late=False)
+            await self.delivery.reject(page.rejects)
+            result = await self.delivery.publish(page.events, report, late=False)
             if resume is None:  # nothing but malformed events without a key
                 await self._caught_up(cursor)
                 break
             confirmed = ConfirmedPage.of(page, result, resume=resume, ticks=cursor.ticks)
             cursor = await self._advance(cursor, confirmed)
-            self._rereads = page.rereads()
-            report.cleared += len(page.events) - len(self._rereads)
+            self.delivery.rereads = page.rereads()
+            report.cleared += len(page.events) - len(self.delivery.rereads)
             limit = self.options.page_limit
             if not page.full:
                 await self._caught_up(cursor)
@@ -162,7 +167,7 @@ class DocflowFeed:
         self.caught_up_at = at
         self._metrics.caught_up.labels(box=self.box_id).set(at)
 
-    # -- steps (the re-scan uses them too) ---------------------------------------------
+    # -- reading (the re-scan reads the same way) ---------------------------------------
 
     def request(
         self,
@@ -204,81 +209,6 @@ class DocflowFeed:
         answer = await self.client.docflow_events(self.box_id, request)
         self._metrics.last_answer.labels(box=self.box_id).set(self._clock())
         return Page.of(answer.events, limit=int(request["Limit"]))
-
-    async def reject(self, rejects: Sequence[Reject]) -> None:
-        """Record malformed events in the state file, once each; count and log the new ones."""
-        for reject in rejects:
-            new = await self._state.reject_add(
-                SOURCE,
-                self.box_id,
-                reject.fingerprint,
-                reject.index_key,
-                reject.reason,
-                reject.body,
-            )
-            if not new:
-                continue
-            self._metrics.malformed.labels(box=self.box_id).inc()
-            log.error(
-                "diadoc event malformed: recorded in the state file and passed",
-                extra={
-                    "box": self.box_id,
-                    "reason": reject.reason,
-                    "index_key": reject.index_key,
-                    "fingerprint": reject.fingerprint,
-                },
-            )
-
-    def tie_overflow(self, page: Page) -> None:
-        self._metrics.tie_overflows.labels(box=self.box_id).inc()
-        log.error(
-            "diadoc: more events share one IndexKey than a page holds; those beyond it cannot "
-            "be read and are skipped",
-            extra={"box": self.box_id, "index_key": page.keys[-1], "events": len(page.keys)},
-        )
-
-    async def unseen(self, events: Sequence[DocflowEvent]) -> list[DocflowEvent]:
-        seen = await self._state.seen_filter(SOURCE, self.box_id, [e.key for e in events])
-        return [e for e in events if e.key not in seen]
-
-    async def publish(
-        self, events: Sequence[DocflowEvent], report: PassReport, *, late: bool
-    ) -> PublishResult:
-        """Publish the events not published before; record the confirmed ones as seen."""
-        unique = list({e.key: e for e in reversed(events)}.values())[::-1]
-        fresh = await self.unseen(unique)
-        if not late:
-            expected = sum(1 for e in events if e.key in self._rereads)
-            skipped = len(events) - len(fresh) - expected
-            if skipped > 0:
-                self._metrics.duplicates.labels(box=self.box_id).inc(skipped)
-        messages = [
-            to_message(e, box_id=self.box_id, exchange=self.options.exchange) for e in fresh
-        ]
-        result = await self._publisher.publish(messages)
-        if result.confirmed:
-            # Recorded even when part of the page failed: those are in RabbitMQ, and the retry
-            # of the page should not publish them again.
-            await self._state.seen_add(
-                SOURCE, self.box_id, [m.key for m in result.confirmed], self.options.seen_keep
-            )
-        report.published += len(result.confirmed)
-        self._metrics.events_published.labels(box=self.box_id).inc(len(result.confirmed))
-        if late and result.confirmed:
-            self._metrics.late_events.labels(box=self.box_id).inc(len(result.confirmed))
-        if fresh:
-            log.info(
-                "diadoc page published",
-                extra={
-                    "box": self.box_id,
-                    "events": len(events),
-                    "published": len(fresh),
-                    "confirmed": len(result.confirmed),
-                    "failed": len(result.failed),
-                    "rescan": late,
-                },
-            )
-        return result
 
     # -- re-scan behind the cursor -------------------------------------------------------
 

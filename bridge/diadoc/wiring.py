@@ -13,9 +13,10 @@ import httpx
 from bridge.diadoc.auth import DiadocAuth
 from bridge.diadoc.client import DiadocClient
 from bridge.diadoc.cursor import Cursor
+from bridge.diadoc.delivery import SOURCE
 from bridge.diadoc.metrics import diadoc_metrics
 from bridge.diadoc.settings import DiadocSettings
-from bridge.diadoc.source import SOURCE, DocflowFeed, FeedOptions
+from bridge.diadoc.source import DocflowFeed, FeedOptions
 from bridge.diadoc.ticks import to_unix
 from bridge.drain import Drainer, Source
 from bridge.metrics import Metrics

@@ -13,7 +13,6 @@ page that ends inside a tie and is continued with ``AfterIndexKey`` skips the re
 from __future__ import annotations
 
 import bisect
-import secrets
 import threading
 import time
 import uuid
@@ -23,7 +22,8 @@ from typing import Any
 
 from bridge.diadoc.emulator.events import DEFECTS, HEAD_DEPARTMENT, StoredEvent
 from bridge.diadoc.emulator.faults import Answer, FaultRule, error
-from bridge.diadoc.emulator.protobuf import CONTENT_TYPE, encode_events_response
+from bridge.diadoc.emulator.oidc import Identity, secret
+from bridge.diadoc.emulator.protobuf import as_protobuf
 from bridge.diadoc.emulator.query import Query
 from bridge.diadoc.ticks import to_ticks
 
@@ -33,10 +33,6 @@ SERVED_VERSIONS = (3, 4, 5)
 # ``diadoc/diadocapi-docs``); V3 of GetDocflowEvents is listed for removal after 3 April 2027.
 SUNSET = {3: "Sat, 03 Apr 2027 00:00:00 GMT"}
 POLICY_LINK = '<https://developer.kontur.ru/doc/diadoc-api/removal>; rel="sunset"'
-
-
-def _secret() -> str:
-    return secrets.token_urlsafe(24)
 
 
 class DiadocEmulator:
@@ -50,11 +46,14 @@ class DiadocEmulator:
         client_id: str = "bridge-test-client",
         client_secret: str | None = None,
     ) -> None:
-        self.client_id = client_id
-        self.client_secret = client_secret or _secret()
-        self.token_ttl = token_ttl
-        self.rotate_refresh_tokens = rotate_refresh_tokens
         self.clock = clock
+        self.identity = Identity(
+            client_id=client_id,
+            client_secret=client_secret or secret(),
+            token_ttl=token_ttl,
+            rotate_refresh_tokens=rotate_refresh_tokens,
+            clock=clock,
+        )
         self._lock = threading.Lock()
         self._boxes: dict[str, list[StoredEvent]] = {b: [] for b in boxes}
         # Boxes the account sees only one department of: anything else is 403, as for a user
@@ -63,13 +62,9 @@ class DiadocEmulator:
         self.sunset: dict[int, str] = dict(SUNSET)
         self.deprecation: dict[int, str] = {}
         self._seq = 0
-        self._access: dict[str, float] = {}
-        self._refresh: set[str] = set()
         self.rules: list[FaultRule] = []
         self.latency_ms = 0.0
         self.statuses: Counter[int] = Counter()
-        self.refreshes = 0
-        self.refused_refreshes = 0
         self.requests: list[dict[str, Any]] = []
 
     # -- control -----------------------------------------------------------------------
@@ -165,7 +160,7 @@ class DiadocEmulator:
 
     def expire_tokens(self) -> None:
         with self._lock:
-            self._access.clear()
+            self.identity.access.clear()
 
     def reset(self) -> None:
         with self._lock:
@@ -174,7 +169,7 @@ class DiadocEmulator:
             self.rules.clear()
             self.latency_ms = 0.0
             self.statuses.clear()
-            self.refreshes = self.refused_refreshes = 0
+            self.identity.refreshes = self.identity.refused_refreshes = 0
             self.requests.clear()
 
     def counters(self) -> dict[str, Any]:
@@ -182,52 +177,37 @@ class DiadocEmulator:
             return {
                 "requests": sum(self.statuses.values()),
                 "statuses": {str(k): v for k, v in sorted(self.statuses.items())},
-                "token_refreshes": self.refreshes,
-                "refused_refreshes": self.refused_refreshes,
+                "token_refreshes": self.identity.refreshes,
+                "refused_refreshes": self.identity.refused_refreshes,
                 "events": {b: len(e) for b, e in self._boxes.items()},
                 "pending_faults": len(self.rules),
             }
 
     # -- OpenID Connect ----------------------------------------------------------------
 
+    @property
+    def client_id(self) -> str:
+        return self.identity.client_id
+
+    @property
+    def client_secret(self) -> str:
+        return self.identity.client_secret
+
+    @property
+    def refreshes(self) -> int:
+        return self.identity.refreshes
+
+    @property
+    def refused_refreshes(self) -> int:
+        return self.identity.refused_refreshes
+
     def issue_refresh_token(self) -> str:
         with self._lock:
-            token = _secret()
-            self._refresh.add(token)
-            return token
+            return self.identity.issue_refresh_token()
 
     def token(self, form: Mapping[str, str]) -> Answer:
         with self._lock:
-            if form.get("grant_type") != "refresh_token":
-                return Answer(400, {"error": "unsupported_grant_type"})
-            if (
-                form.get("client_id") != self.client_id
-                or form.get("client_secret") != self.client_secret
-            ):
-                self.refused_refreshes += 1
-                return Answer(401, {"error": "invalid_client"})
-            old = form.get("refresh_token", "")
-            if old not in self._refresh:
-                self.refused_refreshes += 1
-                return Answer(400, {"error": "invalid_grant"})
-            access = _secret()
-            self._access[access] = self.clock() + self.token_ttl
-            refresh = old
-            if self.rotate_refresh_tokens:
-                self._refresh.discard(old)
-                refresh = _secret()
-                self._refresh.add(refresh)
-            self.refreshes += 1
-            return Answer(
-                200,
-                {
-                    "access_token": access,
-                    "token_type": "Bearer",
-                    "expires_in": int(self.token_ttl),
-                    "refresh_token": refresh,
-                    "scope": "openid offline_access Diadoc.PublicAPI",
-                },
-            )
+            return self.identity.token(form)
 
     # -- GetDocflowEvents --------------------------------------------------------------
 
@@ -238,7 +218,7 @@ class DiadocEmulator:
                 rule.after -= 1
                 return None
             if rule.expire_tokens:
-                self._access.clear()
+                self.identity.access.clear()
                 self.rules.pop(0)
                 continue
             rule.count -= 1
@@ -260,9 +240,7 @@ class DiadocEmulator:
         with self._lock:
             answer = self._docflow_events(box_id, authorization, body, version, content_type)
             if answer.status == 200 and "application/json" not in accept.lower():
-                # Protobuf unless JSON was asked for, as Kontur's API does.
-                raw = encode_events_response(answer.body)
-                answer = Answer(200, None, answer.headers, raw=raw, media_type=CONTENT_TYPE)
+                answer = as_protobuf(answer)  # unless JSON was asked for, as Kontur's API does
             if version in self.sunset or version in self.deprecation:
                 notice = dict(answer.headers)
                 if version in self.sunset:
@@ -292,9 +270,7 @@ class DiadocEmulator:
             return fault
         if version not in SERVED_VERSIONS:
             return error(404, "Http.NotFound", f"no method V{version}/GetDocflowEvents")
-        scheme, _, token = authorization.partition(" ")
-        expires = self._access.get(token.strip()) if scheme.lower() == "bearer" else None
-        if expires is None or expires <= self.clock():
+        if not self.identity.valid(authorization):
             return error(401, "Http.Unauthorized", "the access token is missing or expired")
         if media.split(";")[0].strip().lower() != "application/json":
             # The real API also reads protobuf; the emulator reads JSON only.
@@ -313,36 +289,15 @@ class DiadocEmulator:
         allowed = self.departments.get(box_id)
         if allowed is not None and query.department != allowed:
             return error(403, "Http.Forbidden", "no access to all documents of the organisation")
-        return self._page(box_id, events, query, version)
-
-    def _page(self, box_id: str, events: list[StoredEvent], query: Query, version: int) -> Answer:
-        matching = [
-            e
-            for e in events
-            if query.low <= e.ticks <= query.high
-            and (query.department is None or e.department_id == query.department)
-        ]
-        if query.descending:
-            matching.reverse()
-        start = 0
-        if query.after is not None:
-            after = query.after
-            start = next(
-                (
-                    i
-                    for i, e in enumerate(matching)
-                    if (e.position < after if query.descending else e.position > after)
-                ),
-                len(matching),
-            )
-        page = matching[start : start + query.limit]
+        page, total = query.select(events)
+        populate = query.populate
         return Answer(
             200,
             {
-                "TotalCount": len(matching),
+                "TotalCount": total,
                 "TotalCountType": 1,  # Equal
                 "Events": [
-                    e.as_json(populate=query.populate, version=version, box_id=box_id) for e in page
+                    e.as_json(populate=populate, version=version, box_id=box_id) for e in page
                 ],
             },
         )

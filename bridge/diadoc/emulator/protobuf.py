@@ -14,6 +14,8 @@ import struct
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from bridge.diadoc.emulator.faults import Answer
+
 CONTENT_TYPE = "application/x-protobuf"
 _VARINT, _FIXED64, _BYTES = 0, 1, 2
 
@@ -65,3 +67,8 @@ def encode_events_response(body: Mapping[str, Any]) -> bytes:
             out += _bytes(2, _event(event))
     kind = body.get("TotalCountType")
     return out + _tag(3, _VARINT) + _varint(kind if isinstance(kind, int) else 0)
+
+
+def as_protobuf(answer: Answer) -> Answer:
+    raw = encode_events_response(answer.body)
+    return Answer(answer.status, None, answer.headers, raw=raw, media_type=CONTENT_TYPE)

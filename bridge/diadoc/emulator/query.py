@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from bridge.diadoc.emulator.events import decode_index_key
+from bridge.diadoc.emulator.events import StoredEvent, decode_index_key
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +58,30 @@ class Query:
             populate=bool(body.get("PopulateDocuments", False)),
             department=department,
         )
+
+    def select(self, events: list[StoredEvent]) -> tuple[list[StoredEvent], int]:
+        """The page this query answers, and how many events match it in all."""
+        matching = [
+            e
+            for e in events
+            if self.low <= e.ticks <= self.high
+            and (self.department is None or e.department_id == self.department)
+        ]
+        if self.descending:
+            matching.reverse()
+        start = 0
+        if self.after is not None:
+            after = self.after
+            # Strictly after: every event sharing the key (a tie) is skipped with it.
+            start = next(
+                (
+                    i
+                    for i, e in enumerate(matching)
+                    if (e.position < after if self.descending else e.position > after)
+                ),
+                len(matching),
+            )
+        return matching[start : start + self.limit], len(matching)
 
 
 def _ticks(value: object, default: int) -> int:
