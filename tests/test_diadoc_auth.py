@@ -18,8 +18,7 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 
-from bridge.diadoc.auth import AUTH_SOURCE, BOOTSTRAP_KEY, REFRESH_KEY, DiadocAuth
-from bridge.diadoc.client import DiadocClient
+from bridge.diadoc.auth import AUTH_SOURCE, BOOTSTRAP_KEY, REFRESH_KEY
 from bridge.diadoc.emulator import DiadocEmulator, DiadocEmulatorServer
 from bridge.diadoc.metrics import DiadocMetrics
 from bridge.diadoc.source import DocflowFeed, FeedOptions
@@ -29,6 +28,7 @@ from bridge.errors import StateError
 from bridge.metrics import Metrics
 from bridge.publisher import Publisher
 from bridge.state import State
+from tests.diadoc_harness import emulated_client
 from tests.plugins.broker import AmqpNamespace
 
 REQUEST: dict[str, Any] = {
@@ -55,22 +55,6 @@ async def state(path: str) -> AsyncIterator[State]:
     await state.close()
 
 
-def client_for(
-    diadoc: DiadocEmulatorServer, state: State, http: httpx.AsyncClient, bootstrap: str | None
-) -> DiadocClient:
-    metrics = DiadocMetrics(CollectorRegistry())
-    auth = DiadocAuth(
-        http,
-        token_url=diadoc.token_url,
-        client_id=diadoc.model.client_id,
-        client_secret=diadoc.model.client_secret,
-        bootstrap_refresh_token=bootstrap,
-        state=state,
-        metrics=metrics,
-    )
-    return DiadocClient(http, auth, api_url=diadoc.api_url, metrics=metrics)
-
-
 def fail_writes(path: str, key: str | None = None) -> None:
     """From now on, writing Diadoc's auth rows (or only ``key``) aborts, as a full disk would."""
     when = f"NEW.source = '{AUTH_SOURCE}'" + (f" AND NEW.key = '{key}'" if key else "")
@@ -94,7 +78,7 @@ async def restart_works(diadoc: DiadocEmulatorServer, path: str, bootstrap: str 
     state = await State.open(path)
     try:
         async with httpx.AsyncClient() as http:
-            await client_for(diadoc, state, http, bootstrap).docflow_events("box-a", REQUEST)
+            await emulated_client(diadoc, state, http, bootstrap).docflow_events("box-a", REQUEST)
     finally:
         await state.close()
     assert diadoc.model.refused_refreshes == refused
@@ -106,7 +90,7 @@ async def test_a_rotated_token_that_could_not_be_stored_is_kept_and_stored_befor
     bootstrap = diadoc.model.issue_refresh_token()
     fail_writes(path)
     async with httpx.AsyncClient() as http:
-        client = client_for(diadoc, state, http, bootstrap)
+        client = emulated_client(diadoc, state, http, bootstrap)
         with pytest.raises(StateError, match="disk full"):
             await client.docflow_events("box-a", REQUEST)
         assert diadoc.model.refreshes == 1  # the provider rotated: the bootstrap token is dead
@@ -129,7 +113,7 @@ async def test_the_token_and_the_bootstrap_fingerprint_are_written_together(
     bootstrap = diadoc.model.issue_refresh_token()
     fail_writes(path, BOOTSTRAP_KEY)  # the second of the two rows fails
     async with httpx.AsyncClient() as http:
-        client = client_for(diadoc, state, http, bootstrap)
+        client = emulated_client(diadoc, state, http, bootstrap)
         with pytest.raises(StateError):
             await client.docflow_events("box-a", REQUEST)
         # Both or neither: a stored token without its fingerprint would make the next start
@@ -174,7 +158,7 @@ async def test_a_pass_cancelled_after_the_rotation_still_stores_the_token(
     await publisher.start()
     try:
         async with httpx.AsyncClient(transport=hold) as http:
-            client = client_for(diadoc, state, http, bootstrap)
+            client = emulated_client(diadoc, state, http, bootstrap)
             feed = DocflowFeed(
                 "box-a",
                 client=client,

@@ -21,13 +21,11 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 
-from bridge.diadoc.auth import DiadocAuth
-from bridge.diadoc.client import DiadocClient
 from bridge.diadoc.cursor import Cursor
 from bridge.diadoc.delivery import SOURCE
 from bridge.diadoc.emulator import DiadocEmulator, DiadocEmulatorServer, FaultRule
 from bridge.diadoc.emulator.events import DEFECTS
-from bridge.diadoc.metrics import DiadocMetrics
+from bridge.diadoc.metrics import diadoc_metrics
 from bridge.diadoc.settings import load_diadoc_settings
 from bridge.diadoc.source import DocflowFeed, FeedOptions
 from bridge.diadoc.ticks import to_unix
@@ -37,6 +35,7 @@ from bridge.metrics import Metrics
 from bridge.offline_queue import NotConfirmed
 from bridge.publisher import Publisher
 from bridge.state import State
+from tests.diadoc_harness import emulated_client
 from tests.plugins.broker import AmqpNamespace, Collector
 from tests.plugins.tcpproxy import TcpProxy
 
@@ -112,19 +111,8 @@ def make_rig(
         await publisher.start()
         http = httpx.AsyncClient()
         registry = CollectorRegistry()
-        metrics = DiadocMetrics(registry)
-        auth = DiadocAuth(
-            http,
-            token_url=diadoc.token_url,
-            client_id=diadoc.model.client_id,
-            client_secret=diadoc.model.client_secret,
-            bootstrap_refresh_token=bootstrap,
-            state=state,
-            metrics=metrics,
-        )
-        client = DiadocClient(
-            http, auth, api_url=diadoc.api_url, metrics=metrics, backoff_base=0.01, backoff_cap=0.05
-        )
+        metrics = diadoc_metrics(registry)
+        client = emulated_client(diadoc, state, http, bootstrap, registry=registry)
         feed = DocflowFeed(
             box,
             client=client,
