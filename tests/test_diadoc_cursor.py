@@ -43,6 +43,15 @@ def test_one_tie_filling_the_page_gives_no_resume_point() -> None:
     assert page("", limit=5).empty
 
 
+def test_the_head_of_a_page_is_its_first_tie_group_whole() -> None:
+    events = [raw(f"t{i}", "t") for i in range(3)] + [{"IndexKey": "t"}, raw("x", "x")]
+    head = Page.of(events, limit=100).head()
+    assert [e.event_id for e in head.events] == ["t0", "t1", "t2"]
+    assert len(head.rejects) == 1
+    assert not head.full
+    assert head.resume() == "t"  # the group is complete: the next read goes on after it
+
+
 def test_malformed_events_are_set_aside_but_keep_their_place() -> None:
     events = [raw("e0", "a"), {"IndexKey": "b", "Timestamp": "never"}, ["x"], raw("e3", "c")]
     parsed = Page.of(events, limit=4)

@@ -58,6 +58,7 @@ class Page:
     rejects: tuple[Reject, ...]
     keys: tuple[str, ...]  # the IndexKey of every event that has one, in feed order
     full: bool  # as many events as were asked for: the feed may go on
+    raw: tuple[object, ...] = ()
 
     @classmethod
     def of(cls, raw_events: Sequence[object], *, limit: int) -> Page:
@@ -72,7 +73,8 @@ class Page:
                 events.append(parse_event(raw))
             except MalformedEvent as exc:
                 rejects.append(Reject.of(raw, exc))
-        return cls(tuple(events), tuple(rejects), tuple(keys), len(raw_events) >= limit)
+        full = len(raw_events) >= limit
+        return cls(tuple(events), tuple(rejects), tuple(keys), full, tuple(raw_events))
 
     @property
     def empty(self) -> bool:
@@ -93,6 +95,21 @@ class Page:
             return frozenset()
         last = self.keys[-1]
         return frozenset(e.key for e in self.events if e.index_key == last)
+
+    def head(self) -> Page:
+        """Only the leading group of events sharing the first key, as a complete page.
+
+        After a tie filled a page and was read again with the largest page, publishing just
+        that group keeps a batch (what a crash may publish twice) no larger than the tie.
+        """
+        first = self.keys[0]
+        count = 0
+        for raw in self.raw:
+            key = index_key_of(raw)
+            if key is not None and key != first:
+                break
+            count += 1
+        return Page.of(self.raw[:count], limit=count + 1)
 
     def ticks_at(self, key: str) -> int | None:
         return next((e.ticks for e in reversed(self.events) if e.index_key == key), None)

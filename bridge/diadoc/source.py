@@ -97,15 +97,20 @@ class DocflowFeed:
     async def run_pass(self, *, full_check: bool) -> PassReport:
         report = PassReport()
         cursor = await self.cursor()
-        limit = self.options.page_limit
+        widened = False  # the read is a tie that filled a page, read again with the largest page
         while not self.stopping:
+            limit = MAX_LIMIT if widened else self.options.page_limit
             page = await self.read(self._from_ticks(cursor), after=cursor.after, limit=limit)
             if page.empty:
                 await self._caught_up(cursor)
                 break
+            more = page.full
+            if widened and page.keys and page.keys[-1] != page.keys[0]:
+                page, more = page.head(), True  # the whole tie, and only it
+            widened = False
             resume = page.resume()
             if resume is None and page.full and limit < MAX_LIMIT:
-                limit = MAX_LIMIT  # one tie filled the page: read it again, whole
+                widened = True
                 continue
             if resume is None and page.full:
                 self.delivery.tie_overflow(page)
@@ -119,8 +124,7 @@ class DocflowFeed:
             cursor = await self._advance(cursor, confirmed)
             self.delivery.rereads = page.rereads()
             report.cleared += len(page.events) - len(self.delivery.rereads)
-            limit = self.options.page_limit
-            if not page.full:
+            if not more:
                 await self._caught_up(cursor)
                 break
         if self._rescan_due() and not self.stopping:
