@@ -64,7 +64,6 @@ class DocflowFeed:
         self.box_id = box_id
         self.client = client
         self._state = state
-        self._publisher = publisher
         self._metrics = metrics
         self.options = options
         self._clock = clock
