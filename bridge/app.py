@@ -50,9 +50,12 @@ def create_app(
 
     async def readyz(request: Request) -> Response:
         problem = svc.readiness()
+        detail = svc.portal_health()
         if problem:
-            return JSONResponse({"status": "not ready", "reason": problem}, status_code=503)
-        return JSONResponse({"status": "ready", "portals": len(svc.sessions)})
+            return JSONResponse(
+                {"status": "not ready", "reason": problem, "portals": detail}, status_code=503
+            )
+        return JSONResponse({"status": "ready", "portals": detail})
 
     async def metrics_endpoint(request: Request) -> Response:
         return Response(generate_latest(svc.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -41,12 +41,26 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "bind", help="make sure the offline bindings and the ONOFFLINEEVENT handler exist"
     )
+    parked = sub.add_parser(
+        "parked",
+        help="list events parked after the broker kept refusing them; --replay drains them again",
+    )
+    parked.add_argument("--json", action="store_true", help="machine-readable output")
+    parked.add_argument(
+        "--replay",
+        action="store_true",
+        help="drain parked events again (handed to the serving process when one runs)",
+    )
     sub.add_parser(
         "emulator", help="run the Bitrix24 portal emulator (see 'emulator --help')", add_help=False
     )
     sub.add_parser(
         "demo", help="emulator + bridge + RabbitMQ consumer, showing events flow", add_help=False
     )
+    asyncapi = sub.add_parser(
+        "asyncapi", help="print the AsyncAPI 3.0 document of the messages the bridge publishes"
+    )
+    asyncapi.add_argument("--format", choices=("yaml", "json"), default="yaml")
     return parser
 
 
@@ -74,6 +88,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(_status(settings, as_json=args.json, offline=args.offline))
         if args.command == "bind":
             return _run(_bind(settings))
+        if args.command == "parked":
+            return _run(_parked(settings, as_json=args.json, replay=args.replay))
+        if args.command == "asyncapi":
+            from bridge.asyncapi import build, load_diadoc_layout, render
+
+            sys.stdout.write(render(build(settings, load_diadoc_layout()), args.format))
+            return 0
     except BridgeError as exc:
         print(f"bitrix24-bridge: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -150,7 +171,7 @@ async def _drain(settings: Settings) -> int:
     tune_gc()
     service = Service(settings, diadoc=load_diadoc_settings())
     try:
-        await service.open()
+        await service.open(purpose="drain")
         drainers = [s.drainer for s in service.sessions.values()] + service.feeds
         if not drainers:
             log.warning("no portal or feed known: nothing to drain")
@@ -186,9 +207,38 @@ async def _status(settings: Settings, *, as_json: bool, offline: bool) -> int:
             f"  upstream queue depth: {depth if depth is not None else 'unknown'}"
             + (f" ({p['upstream_error']})" if p.get("upstream_error") else "")
         )
+        if p.get("stopped"):
+            print(f"  drain stopped: {p['stopped']}")
+        if p.get("binding_error"):
+            print(f"  binding failed: {p['binding_error']}")
     for box in report["diadoc_boxes"]:
         lag = box.get("lag_s")
         print(f"diadoc box {box['box_id']}  cursor={box.get('cursor') or 'none'}  lag={lag} s")
+    return 0
+
+
+async def _parked(settings: Settings, *, as_json: bool, replay: bool) -> int:
+    from bridge.tools import parked_events, request_replay
+
+    if replay:
+        results = await request_replay(settings)
+        for domain, outcome in results.items():
+            print(f"{domain}: {outcome}")
+        return 0 if all(not r.startswith("failed") for r in results.values()) else 1
+    report = await parked_events(settings)
+    if as_json:
+        print(json.dumps(report, indent=2, ensure_ascii=False))
+        return 0
+    for portal in report["portals"]:
+        rows, local = portal["parked"], portal["kept_in_state_file"]
+        total = portal.get("total", len(rows))
+        print(f"{portal['domain']}: {total} parked in the portal, {len(local)} in the state file")
+        if portal.get("upstream_error"):
+            print(f"  portal not asked: {portal['upstream_error']}")
+        for row in rows:
+            print(f"  {row['ID']}  {row['EVENT_NAME']}  {row['TIMESTAMP_X']}  {row['MESSAGE_ID']}")
+        for item in local:
+            print(f"  state file {item['ref']}: {item['reason']}")
     return 0
 
 

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import math
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 from bridge.errors import PortalStopped, TokenError
@@ -25,6 +26,13 @@ log = logging.getLogger(__name__)
 
 
 class Source(Protocol):
+    """What the drain loop needs of a source.
+
+    A source may also have ``progress_at`` (monotonic time of its last sign of progress: an
+    answer from upstream, a confirmed publish; liveness uses it) and ``due_at`` (a monotonic
+    time when it wants a pass although nobody asked, or None).
+    """
+
     @property
     def name(self) -> str: ...
 
@@ -62,6 +70,8 @@ class Drainer:
         self.passes = 0
         self.skipped_notifications = 0
         self.stopped: str | None = None
+        self._recheck_at: float | None = None  # monotonic; when a stopped portal is tried again
+        self.on_stop: Callable[[str | None], None] | None = None  # stopped (reason) / resumed
         self.last_error: str | None = None
         self.in_pass = False
         self.beat = time.monotonic()
@@ -90,6 +100,36 @@ class Drainer:
         """A poll tick: a full pass including the search for orphaned reservations."""
         self._full = True
         self.notify(None)
+
+    def resume(self) -> None:
+        """Try a stopped source again now (a new token, a re-check that is due)."""
+        if self.stopped is None:
+            return
+        self.stopped, self._recheck_at = None, None
+        self._metrics.portal_stopped.labels(portal=self.source.name).set(0)
+        if self.on_stop is not None:
+            self.on_stop(None)
+        log.info("portal drain resumed", extra={"portal": self.source.name})
+        self._full = True
+        self.notify(None)
+
+    @property
+    def progress_at(self) -> float:
+        """The last sign of progress: a pass started or ended, an answer, a confirm."""
+        reported = getattr(self.source, "progress_at", None)
+        return max(self.beat, reported if isinstance(reported, float) else self.beat)
+
+    def _next_timer(self) -> float | None:
+        """Seconds until a pass is due by the clock (a re-check, a source's own wish)."""
+        moments = []
+        if self._recheck_at is not None:
+            moments.append(self._recheck_at)
+        due = getattr(self.source, "due_at", None)
+        if isinstance(due, float) and self.stopped is None:
+            moments.append(due)
+        if not moments:
+            return None
+        return max(0.0, min(moments) - time.monotonic())
 
     # -- running -----------------------------------------------------------------------
 
@@ -136,10 +176,20 @@ class Drainer:
     async def _run(self) -> None:
         while not self._closing:
             self.beat = time.monotonic()
+            if self._recheck_at is not None and time.monotonic() >= self._recheck_at:
+                self.resume()
             if not self._due():
                 self.idle.set()
                 self._wake.clear()
-                await self._wake.wait()
+                timer = self._next_timer()
+                if timer is None:
+                    await self._wake.wait()
+                    continue
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(timer):
+                        await self._wake.wait()
+                if self._next_timer() == 0.0 and self.stopped is None:
+                    self._untimed = True  # the source asked for a pass at this time
                 continue
             if self.stopped is not None:
                 self._untimed, self._pending_ts = False, None
@@ -181,11 +231,19 @@ class Drainer:
         except (PortalStopped, TokenError) as exc:
             self.stopped = str(exc)
             self.last_error = str(exc)
+            recheck = exc.recheck_after if isinstance(exc, PortalStopped) else None
+            self._recheck_at = None if recheck is None else time.monotonic() + recheck
             self._metrics.drain_passes.labels(portal=name, outcome="stopped").inc()
             self._metrics.portal_stopped.labels(portal=name).set(1)
+            if self.on_stop is not None:
+                self.on_stop(self.stopped)
             log.error(
                 "portal drain stopped: fix the configuration or reinstall the application",
-                extra={"portal": name, "reason": str(exc)},
+                extra={
+                    "portal": name,
+                    "reason": str(exc),
+                    "recheck_in_s": recheck,
+                },
             )
             return False
         except asyncio.CancelledError:

@@ -8,7 +8,8 @@ BridgeError
     ├── TransientError     worth retrying after a pause (rate limits, 5xx, network)
     │   └── OutcomeUnknown the request may have been executed; its answer was lost
     ├── TokenError         the stored tokens are no longer usable (reinstall needed)
-    └── PortalStopped      a configuration error; the portal's drain stops until fixed
+    └── PortalStopped      a configuration error; the portal's drain stops, and is re-checked
+                           after ``recheck_after`` seconds (never when None)
 """
 
 from __future__ import annotations
@@ -62,4 +63,13 @@ class TokenError(UpstreamError):
 
 
 class PortalStopped(UpstreamError):
-    pass
+    def __init__(
+        self,
+        code: str,
+        description: str = "",
+        *,
+        method: str = "",
+        recheck_after: float | None = None,
+    ) -> None:
+        super().__init__(code, description, method=method)
+        self.recheck_after = recheck_after

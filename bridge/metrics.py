@@ -97,6 +97,26 @@ class Metrics:
             registry=r,
         )
 
+        self.events_parked = Counter(
+            PREFIX + "events_parked_total",
+            "Events taken out of the way with event.offline.error (or kept in the state file) "
+            "after the broker kept refusing them, or because they are malformed",
+            ["event", "reason"],
+            registry=r,
+        )
+        self.binding_failed = Gauge(
+            PREFIX + "binding_failed",
+            "1 while the offline bindings or the ONOFFLINEEVENT handler could not be made",
+            ["portal"],
+            registry=r,
+        )
+        self.operating_bans = Counter(
+            PREFIX + "operating_bans_total",
+            "OPERATION_TIME_LIMIT answers: a method banned by the portal's operating-time limit",
+            ["method"],
+            registry=r,
+        )
+
     def count_notification(self, event: str, outcome: str) -> None:
         """``notifications_total{event, outcome}`` + 1; the caller keeps the labels bounded."""
         child = self._notification_counts.get((event, outcome))

@@ -1,7 +1,10 @@
 """The Bitrix24 offline queue as a drain source: reserve → journal → publish → confirm → clear.
 
-Nothing is cleared that the broker did not confirm: :meth:`OfflineQueue._clear` accepts only a
-:class:`ConfirmedPage`, and a ``ConfirmedPage`` is made only from a :class:`PublishResult`.
+Nothing is cleared that the broker did not confirm: ``event.offline.clear`` is called only with
+a :class:`~bridge.pages.ConfirmedPage`, built from what the publisher reported confirmed (or
+what the journal recorded as confirmed before a failure). Confirmed events are recorded in the
+journal before they are cleared, so a retry after a failed clear clears them without publishing
+them again.
 """
 
 from __future__ import annotations
@@ -9,28 +12,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from bridge.errors import StateError, UpstreamError
 from bridge.messages import MalformedEvent, Routing, to_message
 from bridge.metrics import Metrics
-from bridge.pacing import MAX_COMMANDS, Pacer
-from bridge.publisher import OutgoingMessage, Publisher, PublishResult
-from bridge.state import State
+from bridge.orphans import LIST, OrphanScan
+from bridge.pacing import MAX_COMMANDS
+from bridge.pages import ConfirmedPage, Reservation, split
+from bridge.poison import PoisonGuard, Refused
+from bridge.publisher import OutgoingMessage, Publisher
+from bridge.state import JournalEntry, State
 from bridge.upstream import PortalClient
 
 log = logging.getLogger(__name__)
 
 GET = "event.offline.get"
 CLEAR = "event.offline.clear"
-LIST = "event.offline.list"
 LOOKAHEAD = 2  # reserved batches waiting ahead of publishing
 MAX_RESERVATIONS = 25  # per batch, leaving room for as many clears
-MAX_ORPHAN_SCAN = 10_000  # reserved rows looked at per scan (reservations are few and small)
-
+OLD_EVENT = 30 * 86400.0  # the portal deletes reserved rows of events ~34 days old
 
 # Answers that prove the reservation never ran, so it cannot have left an orphan behind.
 REFUSED_BEFORE_RUNNING = frozenset(
@@ -47,43 +53,12 @@ class MalformedAnswer(UpstreamError):
         super().__init__("MALFORMED_ANSWER", description, method=GET)
 
 
-@dataclass(frozen=True, slots=True)
-class Reservation:
-    process_id: str
-    rows: tuple[Mapping[str, Any], ...]
-
-
-@dataclass(frozen=True, slots=True)
-class ConfirmedPage:
-    """The part of a reservation RabbitMQ confirmed; the only thing that may be cleared."""
-
-    process_id: str
-    message_ids: tuple[str, ...]
-    event_names: tuple[str, ...]
-    whole: bool
-
-    @classmethod
-    def of(
-        cls, reservation: Reservation, result: PublishResult, *, read_all: bool
-    ) -> ConfirmedPage:
-        return cls(
-            process_id=reservation.process_id,
-            message_ids=tuple(m.key for m in result.confirmed),
-            event_names=tuple(m.type for m in result.confirmed),
-            # Clearing the whole process is allowed only when every row under it was read and
-            # confirmed; otherwise name the confirmed rows one by one.
-            whole=result.complete and read_all,
-        )
-
-    def clear_params(self, connector: str) -> dict[str, Any]:
-        params: dict[str, Any] = {"process_id": self.process_id}
-        if connector:
-            params["auth_connector"] = connector
-        if not self.whole:
-            # Never an empty list: Bitrix24 treats it as "clear the whole process".
-            assert self.message_ids
-            params["message_id"] = list(self.message_ids)
-        return params
+@dataclass(slots=True)
+class PassReport:
+    published: int = 0
+    cleared: int = 0
+    parked: int = 0
+    covered_until: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,35 +66,12 @@ class _Failed:
     error: Exception
 
 
-def _split(
-    result: PublishResult, reservations: list[Reservation], messages: list[OutgoingMessage]
-) -> list[PublishResult]:
-    """One publisher result per page, so each page is confirmed (and cleared) on its own."""
-    owner: dict[int, int] = {}
-    failed_by_page: list[list[tuple[OutgoingMessage, str]]] = [[] for _ in reservations]
-    confirmed_by_page: list[list[OutgoingMessage]] = [[] for _ in reservations]
-    sizes = [len(r.rows) for r in reservations]
-    index = 0
-    for page, size in enumerate(sizes):
-        for _ in range(size):
-            owner[index] = page
-            index += 1
-    positions = {id(m): i for i, m in enumerate(messages)}
-    for message in result.confirmed:
-        confirmed_by_page[owner[positions[id(message)]]].append(message)
-    for message, reason in result.failed:
-        failed_by_page[owner[positions[id(message)]]].append((message, reason))
-    return [
-        PublishResult(confirmed=tuple(c), failed=tuple(f))
-        for c, f in zip(confirmed_by_page, failed_by_page, strict=True)
-    ]
-
-
 @dataclass(slots=True)
-class PassReport:
-    published: int = 0
-    cleared: int = 0
-    covered_until: float | None = None
+class _Outcome:
+    """What became of one reserved page in a publish run."""
+
+    clear: ConfirmedPage | None
+    complete: bool  # every row confirmed, or parked
 
 
 class OfflineQueue:
@@ -134,6 +86,9 @@ class OfflineQueue:
         routing: Routing,
         metrics: Metrics,
         page_size: int,
+        poison_attempts: int = 5,
+        abandon_grace: float = 75.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.client = client
         self._state = state
@@ -142,9 +97,16 @@ class OfflineQueue:
         self._metrics = metrics
         self._page_size = page_size
         self.connector = routing.connector
-        self.orphans_suspected = True  # unknown until the first scan at startup
         self.stopping = False
-        self._pacer = Pacer()
+        self.replay_requested = False
+        self._clock = clock
+        self._published_at = clock()
+        self._heartbeat = clock()
+        self.orphans = OrphanScan(client, connector=self.connector, grace=abandon_grace)
+        self._poison = PoisonGuard(
+            client, state=state, metrics=metrics, connector=self.connector, attempts=poison_attempts
+        )
+        self._abandoned: set[str] = set()  # reservations of rows only the state file can keep
 
     def request_stop(self) -> None:
         """Finish the page in flight (publish, confirm, clear), then reserve nothing more."""
@@ -158,6 +120,15 @@ class OfflineQueue:
     def member_id(self) -> str:
         return self.client.portal.member_id
 
+    @property
+    def progress_at(self) -> float:
+        """When the portal last answered or the broker last confirmed (for liveness)."""
+        return max(self._published_at, self._heartbeat, self.client.last_answer)
+
+    @property
+    def due_at(self) -> float | None:
+        return self.orphans.due_at
+
     def _params(self, **params: Any) -> dict[str, Any]:
         if self.connector:
             params["auth_connector"] = self.connector
@@ -168,8 +139,11 @@ class OfflineQueue:
     async def run_pass(self, *, full_check: bool) -> PassReport:
         report = PassReport()
         await self._recover_journal(report)
-        if full_check or self.orphans_suspected:
+        if full_check or self.orphans.suspected:
             await self._recover_orphans(report)
+        if self.replay_requested and not self.stopping:
+            self.replay_requested = False
+            await self.replay(report)
         # Reserving runs ahead of publishing (up to LOOKAHEAD batches); confirmed pages wait
         # in `to_clear` and ride along with the next reservation request.
         to_clear: list[ConfirmedPage] = []
@@ -190,7 +164,7 @@ class OfflineQueue:
                         run.extend(following)
                     else:
                         marker, ended = following, True
-                await self._publish_pages(run, to_clear, report)
+                await self._publish_run(run, to_clear, report)
                 item = marker if ended else await pages.get()
             await reserver
         except Exception:
@@ -232,27 +206,35 @@ class OfflineQueue:
         self, to_clear: list[ConfirmedPage], report: PassReport
     ) -> tuple[list[Reservation], bool, Exception | None]:
         """One request: clear confirmed pages and reserve as many pages as the budget allows."""
-        clears = self._take_clears(to_clear)
-        gets = self._pacer.plan(GET, len(clears), MAX_RESERVATIONS)
-        while gets < 1:
-            await asyncio.sleep(self._pacer.budget(GET).wait_time() + 0.01)
-            gets = self._pacer.plan(GET, len(clears), MAX_RESERVATIONS)
-        commands: dict[str, tuple[str, Mapping[str, Any]]] = {}
-        for index, page in enumerate(clears):
-            commands[f"c{index}"] = (CLEAR, page.clear_params(self.connector))
-        get_params = self._params(clear=0, limit=self._page_size)
+        pacer = self.client.pacer
+        while True:
+            clear_room = self._clear_room(len(to_clear))
+            gets = pacer.plan(GET, clear_room, MAX_RESERVATIONS)
+            if gets >= 1:
+                break
+            if clear_room and pacer.budget("batch").room() >= 1:
+                await self._clear_batch(to_clear, clear_room, report)
+                continue
+            # Nothing is taken from `to_clear` while waiting: a cancellation loses nothing.
+            # Waiting for the portal's budget is the plan, not a stall: liveness hears of it.
+            self._heartbeat = self._clock()
+            await asyncio.sleep(min(pacer.wait_time(GET) + 0.01, 30.0))
+        clears = to_clear[:clear_room]
+        del to_clear[:clear_room]
+        commands: dict[str, tuple[str, Mapping[str, Any]]] = {
+            f"c{index}": (CLEAR, page.clear_params()) for index, page in enumerate(clears)
+        }
+        get_params = {"clear": 0, "limit": self._page_size}
         for index in range(gets):
             commands[f"g{index}"] = (GET, get_params)
-        self._pacer.budget(GET).spend(gets)
-        self._pacer.budget(CLEAR).spend(len(clears))
         try:
-            answer = await self.client.batch(commands, idempotent=False)
+            answer = await self.client.batch(commands, idempotent=False, connector=self.connector)
         except BaseException:
-            # Cancelled or unanswered: reservations may exist that we never heard of.
-            self.orphans_suspected = True
+            # Cancelled or unanswered: reservations may exist that we never heard of, and the
+            # request may still run on the portal for a while.
+            self.orphans.abandoned()
             to_clear[:0] = clears
             raise
-        self._pacer.observe({k: m for k, (m, _p) in commands.items()}, answer.command_times)
 
         reservations: list[Reservation] = []
         error: Exception | None = None
@@ -263,7 +245,7 @@ class OfflineQueue:
             if failure is not None:
                 if failure.code not in REFUSED_BEFORE_RUNNING:
                     # A server fault may strike after the rows were stamped: look for them.
-                    self.orphans_suspected = True
+                    self.orphans.suspect()
                 error = error or failure
                 continue
             try:
@@ -281,6 +263,7 @@ class OfflineQueue:
                 self.member_id, self.connector, [r.process_id for r in reservations]
             )
             self._metrics.inflight.labels(portal=self.name).inc(len(reservations))
+            self._warn_old(reservations, answer.time)
         self._metrics.events_per_request.observe(sum(len(r.rows) for r in reservations))
         await self._settle_clears(clears, answer.errors, report)
         if exhausted and error is None:
@@ -289,23 +272,28 @@ class OfflineQueue:
                 report.covered_until = float(start)
         return reservations, exhausted, error
 
-    def _take_clears(self, to_clear: list[ConfirmedPage]) -> list[ConfirmedPage]:
-        room = self._pacer.plan(CLEAR, 1, len(to_clear))
-        if room < 1 and to_clear:
-            room = 1  # never starve clears: they are what frees the portal's queue
-        taken = to_clear[:room]
-        del to_clear[:room]
-        return taken
+    def _clear_room(self, waiting: int) -> int:
+        if not waiting:
+            return 0
+        room = min(self.client.pacer.plan(CLEAR, 1, waiting), MAX_COMMANDS - 1)
+        return max(room, 1)  # never starve clears: they are what frees the portal's queue
+
+    async def _clear_batch(
+        self, to_clear: list[ConfirmedPage], count: int, report: PassReport
+    ) -> None:
+        chunk = to_clear[:count]
+        del to_clear[:count]
+        commands = {f"c{i}": (CLEAR, page.clear_params()) for i, page in enumerate(chunk)}
+        try:
+            answer = await self.client.batch(commands, idempotent=True, connector=self.connector)
+        except BaseException:
+            to_clear[:0] = chunk
+            raise
+        await self._settle_clears(chunk, answer.errors, report)
 
     async def _flush(self, to_clear: list[ConfirmedPage], report: PassReport) -> None:
         while to_clear:
-            chunk = to_clear[:MAX_COMMANDS]
-            commands = {
-                f"c{i}": (CLEAR, page.clear_params(self.connector)) for i, page in enumerate(chunk)
-            }
-            answer = await self.client.batch(commands, idempotent=True)
-            await self._settle_clears(chunk, answer.errors, report)
-            del to_clear[: len(chunk)]
+            await self._clear_batch(to_clear, min(len(to_clear), MAX_COMMANDS), report)
 
     async def _settle_clears(
         self, pages: list[ConfirmedPage], errors: Mapping[str, UpstreamError], report: PassReport
@@ -316,76 +304,144 @@ class OfflineQueue:
             if f"c{index}" in errors:
                 await self._clear(page, report)  # clearing is idempotent
 
-    async def _publish_pages(
+    async def _publish_run(
         self, reservations: list[Reservation], to_clear: list[ConfirmedPage], report: PassReport
     ) -> None:
         """Publish several reserved pages in one pipelined run, in order."""
-        pages = await self._publish(reservations, report, read_all=True)
-        to_clear.extend(page for page in pages if page.whole)
-        partial = [page for page in pages if not page.whole]
-        if partial:
-            for page in partial:
-                if page.message_ids:
-                    await self._clear(page, report)
-            raise NotConfirmed(f"{len(partial)} of {len(pages)} pages not wholly confirmed")
+        outcomes = await self._publish(reservations, report)
+        to_clear.extend(o.clear for o in outcomes if o.clear is not None)
+        left = sum(1 for o in outcomes if not o.complete)
+        if left:
+            raise NotConfirmed(f"{left} of {len(outcomes)} pages not wholly confirmed")
 
     # -- steps -------------------------------------------------------------------------
 
-    def _reservation(self, result: object) -> Reservation:
+    def _reservation(self, result: object, *, replay: bool = False) -> Reservation:
         if not isinstance(result, dict):
-            self.orphans_suspected = True
+            self.orphans.suspect()
             raise MalformedAnswer("the reservation answer is not an object")
         process_id = result.get("process_id")
         rows = result.get("events")
         if not isinstance(rows, list):
-            self.orphans_suspected = True
+            self.orphans.suspect()
             raise MalformedAnswer("the reservation answer has no event list")
         if not rows:
             return Reservation(process_id="", rows=())
         if not isinstance(process_id, str) or not process_id:
-            self.orphans_suspected = True
+            self.orphans.suspect()
             raise MalformedAnswer("the reservation answer has events but no process_id")
-        return Reservation(process_id=process_id, rows=tuple(rows))
+        return Reservation(process_id=process_id, rows=tuple(rows), replay=replay)
 
     async def _publish(
-        self, reservations: list[Reservation], report: PassReport, *, read_all: bool
-    ) -> list[ConfirmedPage]:
+        self,
+        reservations: Sequence[Reservation],
+        report: PassReport,
+        *,
+        known: Mapping[str, frozenset[str]] | None = None,
+        read_all: bool = True,
+    ) -> list[_Outcome]:
+        """Publish the rows of several pages; record, park and clear-plan the outcome per page.
+
+        ``known``: per process id, MESSAGE_IDs the journal says were confirmed already; those
+        rows are cleared without being published again.
+        """
         messages: list[OutgoingMessage] = []
-        for reservation in reservations:
-            try:
-                messages.extend(to_message(row, self.routing) for row in reservation.rows)
-            except MalformedEvent as exc:
-                log.error(
-                    "page left reserved: malformed event",
-                    extra={
-                        "portal": self.name,
-                        "process_id": reservation.process_id,
-                        "reason": str(exc),
-                    },
-                )
-                raise
+        owners: dict[int, int] = {}
+        malformed: list[list[Refused]] = [[] for _ in reservations]
+        already: list[list[Mapping[str, Any]]] = [[] for _ in reservations]
+        for index, reservation in enumerate(reservations):
+            done_before = (known or {}).get(reservation.process_id, frozenset())
+            for row in reservation.rows:
+                if isinstance(row, Mapping) and row.get("MESSAGE_ID") in done_before:
+                    already[index].append(row)
+                    continue
+                try:
+                    message = to_message(row, self.routing)
+                except MalformedEvent as exc:
+                    safe_row = row if isinstance(row, Mapping) else {"row": repr(row)[:1000]}
+                    malformed[index].append(Refused(safe_row, "malformed"))
+                    log.error(
+                        "malformed event",
+                        extra={
+                            "portal": self.name,
+                            "process_id": reservation.process_id,
+                            "reason": str(exc),
+                        },
+                    )
+                    continue
+                owners[id(message)] = index
+                messages.append(message)
         result = await self._publisher.publish(messages)
+        self._published_at = self._clock()
         for name, count in Counter(m.type for m in result.confirmed).items():
             self._metrics.events_published.labels(event=name).inc(count)
         report.published += len(result.confirmed)
-        log.info(
-            "pages published",
-            extra={
-                "portal": self.name,
-                "process_ids": [r.process_id for r in reservations],
-                "events": len(messages),
-                "confirmed": len(result.confirmed),
-                "failed": len(result.failed),
+        if messages:
+            log.info(
+                "pages published",
+                extra={
+                    "portal": self.name,
+                    "process_ids": [r.process_id for r in reservations],
+                    "events": len(messages),
+                    "confirmed": len(result.confirmed),
+                    "failed": len(result.failed),
+                },
+            )
+        parts = split(result, owners, len(reservations))
+        # Remembered before anything is cleared: a failed clear then costs no second copy.
+        await self._state.journal_confirm(
+            self.member_id,
+            self.connector,
+            {
+                r.process_id: [m.key for m in part.confirmed]
+                for r, part in zip(reservations, parts, strict=True)
             },
         )
-        parts = _split(result, reservations, messages) if len(reservations) > 1 else [result]
-        return [
-            ConfirmedPage.of(reservation, part, read_all=read_all)
-            for reservation, part in zip(reservations, parts, strict=True)
-        ]
+        outcomes: list[_Outcome] = []
+        for index, (reservation, part) in enumerate(zip(reservations, parts, strict=True)):
+            refused = malformed[index] + [
+                Refused(_row_of(reservation, m), reason) for m, reason in part.failed
+            ]
+            due = self._poison.count(reservation.process_id, refused)
+            parked = await self._poison.park(reservation.process_id, due) if due else []
+            report.parked += len(due)
+            complete = len(due) == len(refused)
+            cleared = list(part.confirmed)
+            names = [m.type for m in cleared] + [str(r.get("EVENT_NAME")) for r in already[index]]
+            keys = [m.key for m in cleared] + [str(r.get("MESSAGE_ID")) for r in already[index]]
+            if complete and read_all:
+                self._poison.forget(reservation.process_id)
+            unparkable = [i for i in due if str(i.row.get("MESSAGE_ID")) not in parked]
+            if unparkable and complete:
+                self._abandoned.add(reservation.process_id)
+            done = complete and read_all
+            if keys:
+                page = ConfirmedPage(reservation.process_id, tuple(keys), tuple(names), done)
+                outcomes.append(_Outcome(page, complete))
+            else:
+                outcomes.append(_Outcome(None, complete))
+                if done:
+                    await self._drop(reservation.process_id)
+        return outcomes
+
+    def _warn_old(self, reservations: Sequence[Reservation], time_block: Mapping[str, Any]) -> None:
+        now = time_block.get("start")
+        reference = float(now) if isinstance(now, int | float) else time.time()
+        for reservation in reservations:
+            old = sum(1 for row in reservation.rows if _age(row, reference) > OLD_EVENT)
+            if old:
+                log.warning(
+                    "reserved events older than 30 days: the portal deletes reservations of "
+                    "events about 34 days old, so drain this backlog soon",
+                    extra={
+                        "portal": self.name,
+                        "process_id": reservation.process_id,
+                        "events": old,
+                    },
+                )
 
     async def _clear(self, page: ConfirmedPage, report: PassReport) -> None:
-        await self.client.call(CLEAR, page.clear_params(self.connector), idempotent=True)
+        await self.client.call(CLEAR, self._params(**page.clear_params()), idempotent=True)
         await self._cleared([page], report)
 
     async def _cleared(self, pages: list[ConfirmedPage], report: PassReport) -> None:
@@ -395,104 +451,138 @@ class OfflineQueue:
             report.cleared += len(page.message_ids)
         for name, count in names.items():
             self._metrics.events_cleared.labels(event=name).inc(count)
-        done = [page.process_id for page in pages if page.whole]
+        done = [page.process_id for page in pages if page.done]
         if done:
             await self._state.journal_remove(self.member_id, self.connector, done)
             self._metrics.inflight.labels(portal=self.name).dec(len(done))
+            for process_id in done:
+                self._poison.forget(process_id)
+
+    async def _drop(self, process_id: str) -> None:
+        await self._state.journal_remove(self.member_id, self.connector, [process_id])
+        self._metrics.inflight.labels(portal=self.name).dec()
+        self._poison.forget(process_id)
 
     # -- recovery ----------------------------------------------------------------------
 
     async def _recover_journal(self, report: PassReport) -> None:
-        journal = await self._state.journal(self.member_id, self.connector)
+        journal = await self._state.journal_entries(self.member_id, self.connector)
         self._metrics.inflight.labels(portal=self.name).set(len(journal))
-        for process_id in journal:
+        for entry in journal:
             if self.stopping:
                 return
-            await self.recover(process_id, report)
+            await self.recover(entry, report)
 
-    async def recover(self, process_id: str, report: PassReport) -> None:
+    async def recover(self, entry: JournalEntry, report: PassReport) -> None:
         """Re-read a reservation until nothing is left under it; publish and clear what is."""
         limit = max(self._page_size, 50)
+        known = entry.confirmed
         while True:
-            answer = await self.client.call(
-                GET, self._params(process_id=process_id, clear=0, limit=limit), idempotent=True
-            )
-            reservation = self._reservation(answer.result)
+            params = self._params(process_id=entry.process_id, clear=0, limit=limit)
+            if entry.replay:
+                params["error"] = 1
+            answer = await self.client.call(GET, params, idempotent=True)
+            reservation = self._reservation(answer.result, replay=entry.replay)
             if not reservation.rows:
-                await self._state.journal_remove(self.member_id, self.connector, [process_id])
-                self._metrics.inflight.labels(portal=self.name).dec()
+                await self._drop(entry.process_id)
                 return
-            reservation = Reservation(process_id=process_id, rows=reservation.rows)
-            (page,) = await self._publish(
-                [reservation], report, read_all=len(reservation.rows) < limit
+            reservation = Reservation(entry.process_id, reservation.rows, entry.replay)
+            read_all = len(reservation.rows) < limit
+            (outcome,) = await self._publish(
+                [reservation], report, known={entry.process_id: known}, read_all=read_all
             )
             log.info(
                 "reservation recovered",
                 extra={
                     "portal": self.name,
-                    "process_id": process_id,
+                    "process_id": entry.process_id,
                     "events": len(reservation.rows),
                 },
             )
-            if page.message_ids:
-                await self._clear(page, report)
-            if len(page.message_ids) < len(reservation.rows):
-                raise NotConfirmed(f"recovery of {process_id}: not every event was confirmed")
-            if page.whole:
+            if outcome.clear is not None:
+                await self._clear(outcome.clear, report)
+            if not outcome.complete:
+                raise NotConfirmed(f"recovery of {entry.process_id}: not every event confirmed")
+            if read_all:
                 return
+            known = frozenset()  # what was confirmed is cleared now
 
     async def _recover_orphans(self, report: PassReport) -> None:
-        """Find reservations whose answer was lost (not in the journal) and recover them."""
-        known = set(await self._state.journal(self.member_id, self.connector))
-        orphans: list[str] = []
-        start = 0
-        while True:
-            answer = await self.client.call(
-                LIST,
-                self._params(filter={">PROCESS_ID": ""}, order={"ID": "ASC"}, start=start),
-                idempotent=True,
-            )
-            rows = answer.result if isinstance(answer.result, list) else []
-            for row in rows:
-                pid = row.get("PROCESS_ID") if isinstance(row, dict) else None
-                if isinstance(pid, str) and pid and pid not in known and pid not in orphans:
-                    orphans.append(pid)
-            if answer.next is None or not rows or answer.next <= start:
-                break  # the last page, or a portal whose paging does not advance
-            if start >= MAX_ORPHAN_SCAN:
-                log.warning("orphan scan stopped early", extra={"portal": self.name, "rows": start})
-                break
-            start = answer.next
-        self.orphans_suspected = False
-        if not orphans:
+        journal = await self._state.journal(self.member_id, self.connector)
+        found = await self.orphans.step(set(journal) | self._abandoned)
+        if not found:
             return
-        log.warning(
-            "orphaned reservations found", extra={"portal": self.name, "count": len(orphans)}
-        )
-        await self._state.journal_add(self.member_id, self.connector, orphans)
-        for process_id in orphans:
-            self._metrics.inflight.labels(portal=self.name).inc()
-            await self.recover(process_id, report)
+        log.warning("orphaned reservations found", extra={"portal": self.name, "count": len(found)})
+        await self._state.journal_add(self.member_id, self.connector, found)
+        self._metrics.inflight.labels(portal=self.name).inc(len(found))
+        for process_id in found:
+            await self.recover(JournalEntry(process_id, False, frozenset()), report)
 
-    async def observe(self) -> tuple[int, float | None]:
-        """Queue depth and the age in seconds of the oldest waiting event (for metrics)."""
+    async def replay(self, report: PassReport) -> None:
+        """Reserve parked rows again (``error=1``) and drain them like any other page."""
+        while not self.stopping:
+            params = self._params(clear=0, limit=self._page_size, error=1)
+            try:
+                answer = await self.client.call(GET, params, idempotent=False)
+            except BaseException:
+                self.orphans.abandoned()
+                raise
+            reservation = self._reservation(answer.result, replay=True)
+            if not reservation.rows:
+                return
+            await self._state.journal_add(
+                self.member_id, self.connector, [reservation.process_id], replay=True
+            )
+            self._metrics.inflight.labels(portal=self.name).inc()
+            log.info(
+                "parked events replayed",
+                extra={"portal": self.name, "events": len(reservation.rows)},
+            )
+            await self.recover(JournalEntry(reservation.process_id, True, frozenset()), report)
+
+    # -- observation -------------------------------------------------------------------
+
+    async def observe(self) -> tuple[int, float | None] | None:
+        """Queue depth and the oldest waiting event's time (for metrics); None when the
+        ``event.offline.list`` budget has no room now."""
+        if self.client.pacer.budget(LIST).room() < 1:
+            return None
         answer = await self.client.call(
             LIST, self._params(order={"TIMESTAMP_X": "ASC"}), idempotent=True
         )
         rows = answer.result if isinstance(answer.result, list) else []
         depth = answer.total if answer.total is not None else len(rows)
-        age: float | None = None
+        oldest: float | None = None
         if rows and isinstance(rows[0], dict):
-            from datetime import datetime
-
-            try:
-                stamp = datetime.fromisoformat(str(rows[0].get("TIMESTAMP_X")))
-                now = answer.time.get("start")
-                ref = float(now) if isinstance(now, int | float) else stamp.timestamp()
-                age = max(0.0, ref - stamp.timestamp())
-            except ValueError:
-                age = None
+            oldest = _stamp(rows[0])
         self._metrics.queue_depth.labels(portal=self.name).set(depth)
-        if age is not None:
+        age: float | None = None
+        if oldest is not None:
+            now = answer.time.get("start")
+            reference = float(now) if isinstance(now, int | float) else time.time()
+            age = max(0.0, reference - oldest)
             self._metrics.oldest_age.labels(portal=self.name).set(age)
+        elif depth == 0:
+            self._metrics.oldest_age.labels(portal=self.name).set(0)
         return depth, age
+
+
+def _row_of(reservation: Reservation, message: OutgoingMessage) -> Mapping[str, Any]:
+    for row in reservation.rows:
+        if isinstance(row, Mapping) and row.get("MESSAGE_ID") == message.key:
+            return row
+    return {"MESSAGE_ID": message.key, "EVENT_NAME": message.type}
+
+
+def _stamp(row: Mapping[str, Any]) -> float | None:
+    try:
+        return datetime.fromisoformat(str(row.get("TIMESTAMP_X"))).timestamp()
+    except ValueError:
+        return None
+
+
+def _age(row: object, reference: float) -> float:
+    if not isinstance(row, Mapping):
+        return 0.0
+    stamp = _stamp(row)
+    return 0.0 if stamp is None else reference - stamp

@@ -69,6 +69,21 @@ class PublishResult:
         return not self.failed
 
 
+def _acked(task: asyncio.Future[Any]) -> bool:
+    return (
+        not task.cancelled()
+        and task.exception() is None
+        and isinstance(task.result(), spec.Basic.Ack)
+    )
+
+
+def _consume_outcome(task: asyncio.Future[Any]) -> None:
+    # Outcomes are read by the publisher; a late one nobody waits for must not be logged as
+    # "exception never retrieved".
+    if not task.cancelled():
+        task.exception()
+
+
 def redact_url(url: str) -> str:
     parsed = URL(url)
     if parsed.password:
@@ -106,6 +121,9 @@ class Publisher:
         self._declare_lock = asyncio.Lock()
         self._declared: set[str] = set()
         self._exchange_problems: dict[str, str] = {}
+        # Publishes of the current channel whose outcome is not known yet, by message_id.
+        self._inflight: dict[str, asyncio.Future[Any]] = {}
+        self._unrouted_suspect = False  # a message came back: re-declare the unrouted path
 
         self._connected = False
         self._connected_event = asyncio.Event()
@@ -148,6 +166,9 @@ class Publisher:
                 await dead.close()
         self._channel = self._amqp = self._declare_channel = None
         self._declared.clear()
+        for task in self._inflight.values():
+            task.cancel()
+        self._inflight = {}
         self._connection_problem = "publisher closed"
         self._set_connected(False)
         if connection is not None and not connection.is_closed:
@@ -185,30 +206,63 @@ class Publisher:
             return PublishResult((), tuple(failed))
 
         unusable = await self._ensure_exchanges({m.exchange for m in messages})
-        if unusable:
-            sendable = []
-            for message in messages:
-                reason = unusable.get(message.exchange)
-                if reason is None:
-                    sendable.append(message)
-                else:
-                    failed.append((message, reason))
-        else:
-            sendable = list(messages)
+        sendable: list[OutgoingMessage] = []
+        for message in messages:
+            reason = unusable.get(message.exchange)
+            if reason is None:
+                sendable.append(message)
+            else:
+                failed.append((message, reason))
 
-        # Returns are matched to publishes by message_id, so one message_id must never be in
-        # flight twice on the channel: a duplicate starts a new segment.
-        start = 0
-        seen: set[str] = set()
-        for index, message in enumerate(sendable):
-            if message.message_id in seen:
-                await self._publish_segment(sendable[start:index], confirmed, failed)
-                start, seen = index, set()
-            seen.add(message.message_id)
-        await self._publish_segment(sendable[start:], confirmed, failed)
+        # A message whose earlier publish on this channel is still unresolved (a confirm that
+        # timed out) is not sent again: its outcome is awaited instead. Sending it twice would
+        # store it twice, and two publishes of one message_id in flight make aiormq match a
+        # basic.return to the wrong one.
+        todo = sendable
+        while todo:
+            todo = await self._settle_earlier(todo, confirmed, failed)
+            # One message_id is never in flight twice on the channel: a repeat waits for the
+            # next segment (and for the outcome of the first copy).
+            cut, seen = len(todo), set()
+            for index, message in enumerate(todo):
+                if message.message_id in seen:
+                    cut = index
+                    break
+                seen.add(message.message_id)
+            await self._publish_segment(todo[:cut], confirmed, failed)
+            todo = todo[cut:]
 
         self._report(failed)
         return PublishResult(tuple(confirmed), tuple(failed))
+
+    async def _settle_earlier(
+        self,
+        messages: list[OutgoingMessage],
+        confirmed: list[OutgoingMessage],
+        failed: list[tuple[OutgoingMessage, str]],
+    ) -> list[OutgoingMessage]:
+        """Answer from an earlier, unresolved publish where there is one; the rest to send."""
+        inflight = self._inflight
+        earlier = {inflight[m.message_id] for m in messages if m.message_id in inflight}
+        if not earlier:
+            return messages
+        pending = {task for task in earlier if not task.done()}
+        if pending:
+            await asyncio.wait(pending, timeout=self._confirm_timeout)
+        to_send: list[OutgoingMessage] = []
+        for message in messages:
+            task = inflight.get(message.message_id)
+            if task is None:
+                to_send.append(message)
+            elif not task.done():
+                failed.append((message, "timeout"))  # still unresolved: do not send it again
+            elif _acked(task):
+                inflight.pop(message.message_id, None)
+                confirmed.append(message)  # the earlier copy is stored: this one is confirmed
+            else:
+                inflight.pop(message.message_id, None)
+                to_send.append(message)
+        return to_send
 
     def _report(self, failed: list[tuple[OutgoingMessage, str]]) -> None:
         if self._on_failure is None:
@@ -231,6 +285,7 @@ class Publisher:
         if channel is None or channel.is_closed:
             failed.extend((message, "connection") for message in messages)
             return
+        inflight = self._inflight
 
         # Tasks are created in order and each one queues its frames without suspending (the
         # channel lock is FIFO), so the broker receives the messages in order; confirmations
@@ -256,34 +311,44 @@ class Publisher:
             )
             for message in messages
         ]
-        try:
-            _, pending = await asyncio.wait(tasks, timeout=self._confirm_timeout)
-        finally:
-            unfinished = [task for task in tasks if not task.done()]
-            for task in unfinished:
-                task.cancel()
-            if unfinished:
-                await asyncio.gather(*unfinished, return_exceptions=True)
+        for message, task in zip(messages, tasks, strict=True):
+            inflight[message.message_id] = task
+            task.add_done_callback(_consume_outcome)
+        # A confirm that does not come in time is not cancelled: the broker may still store the
+        # message, and a later publish of the same message waits for that outcome instead of
+        # sending a second copy (see _settle_earlier).
+        _, pending = await asyncio.wait(tasks, timeout=self._confirm_timeout)
 
         missing: set[str] = set()
+        returned = False
         for message, task in zip(messages, tasks, strict=True):
             if task in pending:
                 failed.append((message, "timeout"))
-            elif task.cancelled():
+                continue
+            if inflight.get(message.message_id) is task:
+                del inflight[message.message_id]
+            if task.cancelled():
                 failed.append((message, "connection"))
             elif (exc := task.exception()) is not None:
                 reason = self._classify(exc, message.exchange)
                 if reason == "missing_exchange":
                     missing.add(message.exchange)
+                returned = returned or reason == "returned"
                 failed.append((message, reason))
             elif isinstance(task.result(), spec.Basic.Ack):
                 confirmed.append(message)
             else:  # a returned message resolved without raising: still not stored
+                returned = True
                 failed.append((message, "returned"))
 
         if missing:
             # Deleted behind our back: declare again (or report it) on the next publish.
             self._declared.difference_update(missing)
+        if returned:
+            # With the alternate exchange in place nothing should come back: the unrouted
+            # exchange, its queue or their binding is gone. Declare them again before retrying.
+            self._declared.discard(self._unrouted)
+            self._unrouted_suspect = True
         if pending:
             log.warning(
                 "%d of %d messages not confirmed within %.1fs",
@@ -306,6 +371,8 @@ class Publisher:
 
     async def _ensure_exchanges(self, names: set[str]) -> dict[str, FailureReason]:
         """Declare (or with ``declare=False`` look up) exchanges not seen on this connection."""
+        if self._unrouted_suspect:
+            await self._check_unrouted()
         todo = names - self._declared
         if self._unrouted in self._exchange_problems:
             todo.add(self._unrouted)
@@ -320,6 +387,22 @@ class Publisher:
                 if reason is not None and name in names:
                     unusable[name] = reason
         return unusable
+
+    async def _check_unrouted(self) -> None:
+        """After a basic.return: declare the unrouted exchange, queue and binding again."""
+        async with self._declare_lock:
+            if not self._unrouted_suspect:
+                return
+            try:
+                if self._declare:
+                    await self._declare_unrouted()
+                    log.warning("a message came back: unrouted exchange and queue declared again")
+                else:
+                    await self._declare_exchange(self._unrouted)
+            except Exception as exc:
+                log.warning("declaring the unrouted path failed: %s", self._describe(exc))
+                return
+            self._unrouted_suspect = False
 
     async def _declare_exchange(self, name: str) -> FailureReason | None:
         arguments: dict[str, Any] | None
@@ -401,6 +484,7 @@ class Publisher:
             raise
         channel.close_callbacks.add(self._channel_closed)
         self._channel, self._amqp = channel, amqp
+        self._inflight = {}  # outcomes of the old channel's publishes come from the old channel
         self._connection_problem = None
         log.info("connected to RabbitMQ at %s", self._safe_url)
         self._set_connected(True)

@@ -21,10 +21,12 @@ from bridge.bootstrap import bootstrap, store_grant
 from bridge.diadoc.settings import DiadocSettings
 from bridge.drain import Drainer
 from bridge.errors import BridgeError, TokenError, TransientError
+from bridge.lock import StateLock
 from bridge.messages import Routing
 from bridge.metrics import Metrics
 from bridge.oauth import OAuthClient
 from bridge.offline_queue import OfflineQueue
+from bridge.pacing import Pacer
 from bridge.publisher import Publisher
 from bridge.settings import Settings
 from bridge.state import Portal, State
@@ -34,6 +36,8 @@ log = logging.getLogger(__name__)
 
 SHUTDOWN_BOUND = 20.0
 STUCK_AFTER = 300.0
+HTTP_TIMEOUT = 65.0  # a request may run 60 s on the portal
+REPLAY = "replay"  # a request, left in the state file by `parked --replay`, for this process
 INSTALL_RATE, INSTALL_BURST = 1.0, 10  # install attempts per second, and in a burst
 _DUMMY_TOKEN = "0" * 32
 
@@ -64,7 +68,7 @@ class Service:
         self.metrics = metrics or Metrics()
         self.http = httpx.AsyncClient(
             transport=transport,
-            timeout=httpx.Timeout(65.0, connect=10.0),
+            timeout=httpx.Timeout(HTTP_TIMEOUT, connect=10.0),
             follow_redirects=False,
             headers={"User-Agent": "bitrix24-bridge"},
         )
@@ -83,7 +87,11 @@ class Service:
             on_connection_change=lambda up: self.metrics.broker_connected.set(1 if up else 0),
         )
         self.state: State | None = None
+        self.lock = StateLock(settings.state_path)
         self.sessions: dict[str, PortalSession] = {}
+        self._install_locks: dict[str, asyncio.Lock] = {}
+        self._portal_tasks: dict[str, set[asyncio.Task[None]]] = {}
+        self.binding_errors: dict[str, str] = {}
         self.feeds: list[Drainer] = []  # polled sources (Diadoc boxes)
         self.closing = False
         self.opened = False
@@ -93,9 +101,12 @@ class Service:
 
     # -- lifecycle -----------------------------------------------------------------------
 
-    async def open(self) -> None:
+    async def open(self, purpose: str = "serve") -> None:
         """State, broker and known portals; raises BridgeError with a one-line reason."""
         self.settings.warn_plain_http()
+        if self.settings.state_path != ":memory:":
+            # One process drains a state file and refreshes its tokens (they rotate).
+            self.lock.acquire(purpose)
         self.state = await State.open(self.settings.state_path, self.settings.state_keys)
         await self.publisher.start()
         self.metrics.broker_connected.set(1 if self.publisher.connected else 0)
@@ -132,16 +143,24 @@ class Service:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        # A refresh the OAuth server already answered must reach the state file.
+        await asyncio.gather(*(s.client.aclose() for s in self.sessions.values()))
         with contextlib.suppress(Exception):
             await self.publisher.close()
         await self.http.aclose()
         if self.state is not None:
             await self.state.close()
+        self.lock.release()
 
-    def _spawn(self, coro: object, name: str) -> None:
+    def _spawn(self, coro: object, name: str, *, member_id: str | None = None) -> None:
         task: asyncio.Task[None] = asyncio.create_task(coro, name=name)  # type: ignore[arg-type]
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        if member_id is not None:
+            # A portal's background work, cancelled when its session is replaced.
+            owned = self._portal_tasks.setdefault(member_id, set())
+            owned.add(task)
+            task.add_done_callback(owned.discard)
 
     # -- portals -------------------------------------------------------------------------
 
@@ -153,9 +172,11 @@ class Service:
             http=self.http,
             oauth=self.oauth,
             save=state.save_portal,
+            load=state.portal,
             metrics=self.metrics,
             rate_limit=self.settings.rate_limit,
             rate_burst=self.settings.rate_burst,
+            pacer=Pacer(limit=self.settings.operating_limit),
         )
         routing = Routing(
             exchange_template=self.settings.exchange_template,
@@ -171,12 +192,28 @@ class Service:
             routing=routing,
             metrics=self.metrics,
             page_size=self.settings.page_size,
+            poison_attempts=self.settings.poison_attempts,
+            abandon_grace=HTTP_TIMEOUT + 10.0,
         )
         drainer = Drainer(queue, metrics=self.metrics, min_gap=1 / self.settings.rate_limit)
+        member_id = portal.member_id
+        drainer.on_stop = lambda reason: self._record_health(member_id, stop_reason=reason or "")
         session = PortalSession(client=client, queue=queue, drainer=drainer)
         self.sessions[portal.member_id] = session
         self.metrics.portal_stopped.labels(portal=portal.domain).set(0)
+        self.metrics.binding_failed.labels(portal=portal.domain).set(0)
         return session
+
+    def _record_health(
+        self, member_id: str, *, stop_reason: str | None = None, binding_error: str | None = None
+    ) -> None:
+        """Write a portal's health to the state file, where ``status`` reads it."""
+        if self.state is None or self.closing:
+            return
+        self._spawn(
+            self.state.set_health(member_id, stop_reason=stop_reason, binding_error=binding_error),
+            f"health {member_id}",
+        )
 
     def authenticate(self, member_id: str, application_token: str) -> PortalSession | None:
         """Constant-time check of a notification's credentials against the stored portal."""
@@ -204,32 +241,55 @@ class Service:
         allowed = self.settings.allowed_domains
         if allowed and grant.domain not in allowed:
             raise TokenError("domain_not_allowed", "the portal is not in BRIDGE_ALLOWED_DOMAINS")
-        old = self.sessions.pop(grant.member_id, None)
-        if old is not None:
-            await old.drainer.stop(SHUTDOWN_BOUND)
-        assert self.state is not None
-        portal = await store_grant(self.state, grant, application_token)
-        session = self._session(portal)
-        if self.settings.events or self.settings.public_url:
-            self._spawn(self._bind(session), f"bind {portal.domain}")
-        if not self.closing:
-            session.drainer.start()
+        # Installs of one portal one at a time: two at once would leave two drainers.
+        lock = self._install_locks.setdefault(grant.member_id, asyncio.Lock())
+        async with lock:
+            await self._retire(grant.member_id)
+            assert self.state is not None
+            portal = await store_grant(self.state, grant, application_token)
+            session = self._session(portal)
+            await self.state.set_health(portal.member_id, stop_reason="", binding_error="")
+            if self.settings.events or self.settings.public_url:
+                self._spawn(
+                    self._bind(session), f"bind {portal.domain}", member_id=portal.member_id
+                )
+            if not self.closing:
+                session.drainer.start()
         log.info("portal installed", extra={"portal": portal.domain, "member_id": portal.member_id})
         return portal
 
+    async def _retire(self, member_id: str) -> None:
+        """Stop a portal's session and everything it runs in the background."""
+        old = self.sessions.pop(member_id, None)
+        tasks = list(self._portal_tasks.pop(member_id, ()))
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if old is not None:
+            await old.drainer.stop(SHUTDOWN_BOUND)
+            await old.client.aclose()
+
     async def _bind(self, session: PortalSession) -> None:
+        member_id, domain = session.portal.member_id, session.portal.domain
         try:
             await bind_portal(session.client, self.settings)
         except BridgeError as exc:
-            log.error(
-                "binding events failed", extra={"portal": session.portal.domain, "reason": str(exc)}
-            )
+            reason = str(exc)
+            self.binding_errors[member_id] = reason
+            self.metrics.binding_failed.labels(portal=domain).set(1)
+            self._record_health(member_id, binding_error=reason)
+            log.error("binding events failed", extra={"portal": domain, "reason": reason})
+            return
+        self.binding_errors.pop(member_id, None)
+        self.metrics.binding_failed.labels(portal=domain).set(0)
 
     async def uninstall(self, session: PortalSession) -> None:
         assert self.state is not None
         member_id = session.portal.member_id
-        self.sessions.pop(member_id, None)
-        await session.drainer.stop(SHUTDOWN_BOUND)
+        if self.sessions.get(member_id) is session:
+            await self._retire(member_id)
+        else:
+            await session.drainer.stop(SHUTDOWN_BOUND)
         await self.state.uninstall(member_id)
         session.client.portal = replace(
             session.portal, status="uninstalled", access_token="", refresh_token=""
@@ -244,10 +304,52 @@ class Service:
         interval = self.settings.poll_interval
         while True:
             await asyncio.sleep(interval)
-            for session in list(self.sessions.values()):
-                session.drainer.tick()
-                if session.drainer.stopped is None:
-                    self._spawn(self._observe(session), f"observe {session.portal.domain}")
+            await self.poll_once()
+
+    async def poll_once(self) -> None:
+        """One poll tick: requests left in the state file, new tokens, safety drains, depth."""
+        await self._take_requests()
+        for session in list(self.sessions.values()):
+            if session.drainer.stopped is not None:
+                await self._look_for_new_token(session)
+            session.drainer.tick()
+            if session.drainer.stopped is None:
+                self._spawn(self._observe(session), f"observe {session.portal.domain}")
+
+    async def _take_requests(self) -> None:
+        assert self.state is not None
+        try:
+            wanted = await self.state.take_requests(REPLAY)
+        except BridgeError as exc:
+            log.warning("requests in the state file unreadable", extra={"reason": str(exc)})
+            return
+        for member_id in wanted:
+            session = self.sessions.get(member_id)
+            if session is None:
+                continue
+            session.queue.replay_requested = True
+            log.info("replay of parked events requested", extra={"portal": session.portal.domain})
+            session.drainer.resume()
+            session.drainer.notify(None)
+
+    async def _look_for_new_token(self, session: PortalSession) -> None:
+        """A portal stopped for its token comes back when the state file holds a newer one."""
+        assert self.state is not None
+        try:
+            stored = await self.state.portal(session.portal.member_id)
+        except BridgeError:
+            return
+        current = session.client.portal
+        if stored is None or not stored.refresh_token or not stored.active:
+            return
+        if stored.refresh_token != current.refresh_token:
+            session.client.portal = replace(
+                current,
+                access_token=stored.access_token,
+                refresh_token=stored.refresh_token,
+                expires_at=stored.expires_at,
+            )
+            session.drainer.resume()
 
     async def _observe(self, session: PortalSession) -> None:
         try:
@@ -267,9 +369,27 @@ class Service:
         for d in [s.drainer for s in self.sessions.values()] + self.feeds:
             if not d.alive and not self.closing:
                 return f"drain loop of {d.source.name} is not running"
-            if d.in_pass and now - d.beat > STUCK_AFTER:
-                return f"drain loop of {d.source.name} is stuck"
+            # A long pass that keeps moving pages is alive: only a pass without any progress
+            # (no answer, no confirm, no planned wait) for STUCK_AFTER seconds is stuck.
+            if d.in_pass and now - d.progress_at > STUCK_AFTER:
+                return f"drain loop of {d.source.name} made no progress for {int(STUCK_AFTER)} s"
         return None
+
+    def portal_health(self) -> list[dict[str, object]]:
+        """Per portal: draining or stopped (and why), binding problems. For /readyz and status."""
+        out: list[dict[str, object]] = []
+        for session in self.sessions.values():
+            entry: dict[str, object] = {
+                "portal": session.portal.domain,
+                "state": "stopped" if session.drainer.stopped else "draining",
+            }
+            if session.drainer.stopped:
+                entry["reason"] = session.drainer.stopped
+            binding = self.binding_errors.get(session.portal.member_id)
+            if binding:
+                entry["binding_error"] = binding
+            out.append(entry)
+        return out
 
     def readiness(self) -> str | None:
         if self.closing:
@@ -281,16 +401,6 @@ class Service:
             return problem
         if self.state is not None and self.state.write_failure:
             return self.state.write_failure
-        usable = [
-            s
-            for s in self.sessions.values()
-            if s.drainer.stopped is None and s.portal.refresh_token
-        ]
-        if not usable and any(f.stopped is None for f in self.feeds):
-            return None  # a deployment of polled sources only
-        if not usable:
-            stopped = [f"{s.portal.domain}: {s.drainer.stopped}" for s in self.sessions.values()]
-            if stopped:
-                return "no portal with a usable token (" + "; ".join(stopped) + ")"
-            return "no portal installed yet"
+        # A stopped portal is reported (/readyz detail, metrics, status), never a reason to be
+        # unready: this process can still take notifications and publish for the others.
         return None

@@ -78,6 +78,9 @@ class Settings(BaseSettings):
     declare: bool = True
     confirm_timeout: float = Field(30, gt=0)
 
+    operating_limit: float = Field(420, gt=0)
+    poison_attempts: int = Field(5, ge=1)
+
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     log_format: Literal["json", "text"] = "json"
 
@@ -100,6 +103,19 @@ class Settings(BaseSettings):
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
         return None if value is None else _check_http_url("the URL", value)
+
+    @field_validator("public_url")
+    @classmethod
+    def _handler_host(cls, value: str | None) -> str | None:
+        # A portal refuses a handler whose host has no dot (HandlerHelper::checkCallback):
+        # http://bridge:8080 or http://localhost would fail at every install.
+        host = urlsplit(value).hostname if value else None
+        if host is not None and "." not in host:
+            raise ValueError(
+                f"Bitrix24 refuses a handler URL whose host has no dot ({host!r}); use the "
+                "bridge's public name, e.g. https://b24-bridge.example.com"
+            )
+        return value
 
     @field_validator("amqp_url")
     @classmethod

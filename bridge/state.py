@@ -46,6 +46,34 @@ CREATE TABLE IF NOT EXISTS journal (
     created_at REAL NOT NULL,
     PRIMARY KEY (member_id, connector, process_id)
 );
+CREATE TABLE IF NOT EXISTS confirmed (
+    member_id TEXT NOT NULL,
+    connector TEXT NOT NULL,
+    process_id TEXT NOT NULL,
+    message_id TEXT NOT NULL,
+    PRIMARY KEY (member_id, connector, process_id, message_id)
+);
+CREATE TABLE IF NOT EXISTS portal_health (
+    member_id TEXT PRIMARY KEY,
+    stop_reason TEXT NOT NULL DEFAULT '',
+    binding_error TEXT NOT NULL DEFAULT '',
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS parked (
+    source TEXT NOT NULL,
+    key TEXT NOT NULL,
+    ref TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    parked_at REAL NOT NULL,
+    PRIMARY KEY (source, key, ref)
+);
+CREATE TABLE IF NOT EXISTS requests (
+    member_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (member_id, kind)
+);
 CREATE TABLE IF NOT EXISTS cursors (
     source TEXT NOT NULL,
     key TEXT NOT NULL,
@@ -100,6 +128,23 @@ class Portal:
 
     def with_tokens(self, access: str, refresh: str, expires_at: float) -> Portal:
         return replace(self, access_token=access, refresh_token=refresh, expires_at=expires_at)
+
+
+@dataclass(frozen=True, slots=True)
+class JournalEntry:
+    process_id: str
+    replay: bool  # a reservation of parked rows: re-read with error=1
+    confirmed: frozenset[str]  # MESSAGE_IDs the broker confirmed, not yet cleared
+
+
+@dataclass(frozen=True, slots=True)
+class ParkedRecord:
+    source: str
+    key: str
+    ref: str
+    reason: str
+    payload: str
+    parked_at: float
 
 
 class State:
@@ -272,13 +317,24 @@ class State:
     # -- journal of reservations -----------------------------------------------------------
 
     async def journal(self, member_id: str, connector: str) -> list[str]:
-        def run() -> list[str]:
+        return [entry.process_id for entry in await self.journal_entries(member_id, connector)]
+
+    async def journal_entries(self, member_id: str, connector: str) -> list[JournalEntry]:
+        """Reservations in flight, oldest first, with the message ids already confirmed."""
+
+        def run() -> list[JournalEntry]:
             rows = self._conn.execute(
-                "SELECT process_id FROM journal WHERE member_id=? AND connector=? "
+                "SELECT process_id, replay FROM journal WHERE member_id=? AND connector=? "
                 "ORDER BY created_at, rowid",
                 (member_id, connector),
-            )
-            return [r[0] for r in rows]
+            ).fetchall()
+            marks: dict[str, set[str]] = {}
+            for process_id, message_id in self._conn.execute(
+                "SELECT process_id, message_id FROM confirmed WHERE member_id=? AND connector=?",
+                (member_id, connector),
+            ):
+                marks.setdefault(process_id, set()).add(message_id)
+            return [JournalEntry(r[0], bool(r[1]), frozenset(marks.get(r[0], ()))) for r in rows]
 
         return await self._run(run)
 
@@ -291,28 +347,148 @@ class State:
 
         return await self._run(run)
 
-    async def journal_add(self, member_id: str, connector: str, process_ids: Sequence[str]) -> None:
+    async def journal_add(
+        self,
+        member_id: str,
+        connector: str,
+        process_ids: Sequence[str],
+        *,
+        replay: bool = False,
+    ) -> None:
+        """``replay``: reservations of parked rows, which are re-read with ``error=1``."""
+
         def run() -> None:
             now = time.time()
             with self._conn:
                 self._conn.executemany(
-                    "INSERT OR IGNORE INTO journal VALUES (?,?,?,?)",
-                    [(member_id, connector, p, now) for p in process_ids],
+                    "INSERT OR IGNORE INTO journal (member_id, connector, process_id, "
+                    "created_at, replay) VALUES (?,?,?,?,?)",
+                    [(member_id, connector, p, now, int(replay)) for p in process_ids],
                 )
 
         await self._write(run)
+
+    async def journal_confirm(
+        self, member_id: str, connector: str, confirmed: Mapping[str, Sequence[str]]
+    ) -> None:
+        """Remember which events of each reservation the broker confirmed, in one write.
+
+        A later attempt then clears them without publishing them again.
+        """
+
+        def run() -> None:
+            with self._conn:
+                self._conn.executemany(
+                    "INSERT OR IGNORE INTO confirmed VALUES (?,?,?,?)",
+                    [
+                        (member_id, connector, process_id, message_id)
+                        for process_id, message_ids in confirmed.items()
+                        for message_id in message_ids
+                    ],
+                )
+
+        if any(confirmed.values()):
+            await self._write(run)
 
     async def journal_remove(
         self, member_id: str, connector: str, process_ids: Sequence[str]
     ) -> None:
         def run() -> None:
+            keys = [(member_id, connector, p) for p in process_ids]
             with self._conn:
                 self._conn.executemany(
-                    "DELETE FROM journal WHERE member_id=? AND connector=? AND process_id=?",
-                    [(member_id, connector, p) for p in process_ids],
+                    "DELETE FROM journal WHERE member_id=? AND connector=? AND process_id=?", keys
+                )
+                self._conn.executemany(
+                    "DELETE FROM confirmed WHERE member_id=? AND connector=? AND process_id=?",
+                    keys,
                 )
 
         await self._write(run)
+
+    # -- portal health, parked rows and requests to the serving process --------------------
+
+    async def set_health(
+        self, member_id: str, *, stop_reason: str | None = None, binding_error: str | None = None
+    ) -> None:
+        """Record why a portal is stopped or its binding failed ('' clears), for ``status``."""
+
+        def run() -> None:
+            with self._conn:
+                self._conn.execute(
+                    "INSERT OR IGNORE INTO portal_health VALUES (?, '', '', ?)",
+                    (member_id, time.time()),
+                )
+                if stop_reason is not None:
+                    self._conn.execute(
+                        "UPDATE portal_health SET stop_reason=?, updated_at=? WHERE member_id=?",
+                        (stop_reason, time.time(), member_id),
+                    )
+                if binding_error is not None:
+                    self._conn.execute(
+                        "UPDATE portal_health SET binding_error=?, updated_at=? WHERE member_id=?",
+                        (binding_error, time.time(), member_id),
+                    )
+
+        await self._write(run)
+
+    async def health(self) -> dict[str, tuple[str, str]]:
+        """member_id → (stop reason, binding error); empty strings when healthy."""
+
+        def run() -> dict[str, tuple[str, str]]:
+            rows = self._conn.execute(
+                "SELECT member_id, stop_reason, binding_error FROM portal_health"
+            )
+            return {r[0]: (r[1], r[2]) for r in rows}
+
+        return await self._run(run)
+
+    async def park(self, source: str, key: str, ref: str, reason: str, payload: str) -> None:
+        """Keep an event the source cannot hand over (e.g. a malformed row) in the state file."""
+
+        def run() -> None:
+            with self._conn:
+                self._conn.execute(
+                    "INSERT OR REPLACE INTO parked VALUES (?,?,?,?,?,?)",
+                    (source, key, ref, reason, payload, time.time()),
+                )
+
+        await self._write(run)
+
+    async def parked(self, source: str | None = None) -> list[ParkedRecord]:
+        def run() -> list[ParkedRecord]:
+            sql = "SELECT source, key, ref, reason, payload, parked_at FROM parked"
+            args: tuple[str, ...] = ()
+            if source is not None:
+                sql, args = sql + " WHERE source=?", (source,)
+            rows = self._conn.execute(sql + " ORDER BY parked_at, rowid", args)
+            return [ParkedRecord(*r) for r in rows]
+
+        return await self._run(run)
+
+    async def request(self, member_id: str, kind: str) -> None:
+        """Ask the process that serves this state file to do ``kind`` for a portal."""
+
+        def run() -> None:
+            with self._conn:
+                self._conn.execute(
+                    "INSERT OR REPLACE INTO requests VALUES (?,?,?)", (member_id, kind, time.time())
+                )
+
+        await self._write(run)
+
+    async def take_requests(self, kind: str) -> list[str]:
+        """The member ids that asked for ``kind``; each request is answered once."""
+
+        def run() -> list[str]:
+            with self._conn:
+                rows = self._conn.execute(
+                    "SELECT member_id FROM requests WHERE kind=? ORDER BY created_at", (kind,)
+                ).fetchall()
+                self._conn.execute("DELETE FROM requests WHERE kind=?", (kind,))
+            return [r[0] for r in rows]
+
+        return await self._write(run)
 
     # -- cursors of polled sources ---------------------------------------------------------
 
@@ -436,6 +612,13 @@ class State:
         return await self._run(run)
 
 
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Columns added after the first release; SQLite adds them in place."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(journal)")}
+    if "replay" not in columns:
+        conn.execute("ALTER TABLE journal ADD COLUMN replay INTEGER NOT NULL DEFAULT 0")
+
+
 def _connect(path: str) -> sqlite3.Connection:
     file = Path(path)
     try:
@@ -449,6 +632,7 @@ def _connect(path: str) -> sqlite3.Connection:
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA busy_timeout=5000")
         conn.executescript(_SCHEMA)
+        _migrate(conn)
         conn.isolation_level = "DEFERRED"
         for suffix in ("-wal", "-shm"):
             side = Path(f"{file}{suffix}")

@@ -36,6 +36,12 @@ say "installing the project (.[${extra}])"
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 .venv/bin/python -m pip install -q -e ".[${extra}]"
 
+# The AsyncAPI document is checked with the official parser (@asyncapi/parser), run by Node.js.
+if [ "$extra" = dev ] && ! command -v npm >/dev/null; then
+    say "installing nodejs and npm"
+    apt_install nodejs npm
+fi
+
 broker_up() {
     .venv/bin/python - <<'PY'
 import socket, sys

@@ -5,9 +5,10 @@ cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 export BRIDGE_TEST_REQUIRE_BROKER=1
 echo "[test] ruff"
-.venv/bin/ruff check bridge tests bench
-.venv/bin/ruff format --check bridge tests bench
+.venv/bin/ruff check bridge tests bench examples
+.venv/bin/ruff format --check bridge tests bench examples
 echo "[test] mypy --strict"
 .venv/bin/mypy
+.venv/bin/mypy --strict examples/consumer.py
 echo "[test] pytest"
 exec .venv/bin/pytest "$@"

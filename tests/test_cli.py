@@ -153,3 +153,22 @@ def test_tune_gc_freezes_the_startup_heap_and_collects_less_often() -> None:
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
+
+
+@pytest.mark.parametrize("command", ["serve", "drain", "bind"])
+def test_a_handler_url_a_portal_would_refuse_is_one_line_and_exit_2(
+    tmp_path: Path, command: str
+) -> None:
+    proc = run(
+        {
+            "BRIDGE_STATE_PATH": str(tmp_path / "s.sqlite3"),
+            "BRIDGE_CLIENT_ID": "local.x",
+            "BRIDGE_CLIENT_SECRET": "s",
+            "BRIDGE_PUBLIC_URL": "http://bridge:8080",
+        },
+        command,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert "BRIDGE_PUBLIC_URL" in proc.stderr
+    assert "no dot" in proc.stderr

@@ -208,3 +208,40 @@ async def test_operating_time_limit_waits_for_the_reset() -> None:
     assert source.passes == 2
     assert loop.time() - started >= 0.4
     await drainer.stop(1)
+
+
+async def test_a_stopped_source_is_checked_again_after_its_recheck_time() -> None:
+    source = FakeSource()
+    source.fail_next = [PortalStopped("METHOD_CONFIRM_WAITING", recheck_after=0.3)]
+    reasons: list[str | None] = []
+    drainer = Drainer(source, metrics=Metrics())
+    drainer.on_stop = reasons.append
+    drainer.start()
+    await asyncio.sleep(0.1)
+    assert drainer.stopped is not None
+    assert "METHOD_CONFIRM_WAITING" in drainer.stopped
+    for _ in range(100):
+        if drainer.stopped is None and source.passes >= 2:
+            break
+        await asyncio.sleep(0.02)
+    assert drainer.stopped is None
+    assert source.passes == 2
+    assert reasons == ["METHOD_CONFIRM_WAITING", None]
+    await drainer.stop(1)
+
+
+async def test_a_stop_without_a_recheck_stays_until_resumed() -> None:
+    source = FakeSource()
+    source.fail_next = [PortalStopped("OVERLOAD_LIMIT", recheck_after=None)]
+    drainer = Drainer(source, metrics=Metrics())
+    drainer.start()
+    await asyncio.sleep(0.3)
+    drainer.notify(None)
+    await asyncio.sleep(0.2)
+    assert source.passes == 1
+    assert drainer.stopped is not None
+    drainer.resume()
+    await _settle(drainer)
+    assert source.passes == 2
+    assert drainer.stopped is None
+    await drainer.stop(1)

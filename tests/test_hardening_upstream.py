@@ -1,10 +1,13 @@
-"""Hostile upstream answers: a corrupted reservation stops its page safely and is recovered later.
+"""Hostile upstream answers: a corrupted reservation never publishes or clears a damaged event,
+and nothing is lost once the answers are whole again.
 
 A corrupting transport sits between the bridge and the emulator (``transport=`` of the app, the
 seam the service offers): it forwards every request over HTTP and, while ``active``, corrupts
-each answer that carries ``event.offline.get`` results. While it does, nothing may be published
-or cleared, the reserved events must stay reserved (and get journaled); once it stops, every
-event arrives and the portal queue and journal end empty.
+each answer that carries ``event.offline.get`` results. While it does, no damaged event may be
+published, a damaged answer clears nothing, and every reserved event stays journaled; the
+undamaged events of a page may go through (one bad row must not hold a portal). Once it stops,
+every event arrives and the portal queue and journal end empty. (Parking after repeated
+failures is tested in ``test_poison.py``; here the attempts are unlimited.)
 
 Checked by breaking the code on purpose (then restored): with ``messages.to_message`` accepting
 any ``MESSAGE_ID`` the ``short_message_id`` case publishes during corruption and fails.
@@ -123,6 +126,7 @@ async def test_corrupted_reservation_answer_stops_the_page_and_recovers(
         BRIDGE_HTTP_PORT=str(port),
         BRIDGE_POLL_INTERVAL="0",
         BRIDGE_PAGE_SIZE="50",
+        BRIDGE_POISON_ATTEMPTS="1000",
     )
     transport = CorruptingTransport(mode)
     async with bridge_in_process(env, transport=transport) as bridge:
@@ -142,11 +146,16 @@ async def test_corrupted_reservation_answer_stops_the_page_and_recovers(
             return transport.corrupted >= 2 and bool(reserved) and set(reserved) <= journal
 
         await until(held_safely, "the reserved pages to be journaled")
-        queue = await portal.queue()
-        reserved: dict[str, int] = queue["reserved"]  # type: ignore[assignment]
-        assert queue["free"] + sum(reserved.values()) == total, queue
-        assert transport.clears_while_active == 0
-        assert collector.messages == [], "a page with a corrupted answer was published"
+        whole_answers = mode in ("truncated_json", "html_502", "result_wrong_type")
+        if whole_answers or mode == "events_not_a_list":
+            # Nothing readable came back: nothing published, nothing cleared.
+            assert transport.clears_while_active == 0
+            assert collector.messages == [], "a page with a corrupted answer was published"
+        for message in collector.messages:
+            event = json.loads(message.body)
+            assert event["MESSAGE_ID"] != "abc"
+            assert "EVENT_NAME" in event
+            assert isinstance(event["ID"], str)
         assert session.drainer.last_error is not None
         assert session.drainer.stopped is None, "a bad answer must not stop the portal for good"
 

@@ -378,9 +378,9 @@ async def test_cut_mid_publish_never_reports_a_missing_message_as_confirmed(
         await collector.wait_for(1)
         total = sum(len(m.body) for m in messages)
 
-        amqp_proxy.cut_after(total // 10)  # a few hundred messages reach the broker
+        # A few hundred messages reach the broker, then it stays unreachable for a while.
+        amqp_proxy.cut_after(total // 10, then_pause=True)
         result = await publisher.publish(messages)
-        amqp_proxy.pause()  # and then the broker stays unreachable for a while
 
         assert len(result.confirmed) + len(result.failed) == len(messages)
         assert result.failed, "the cut happened after everything was confirmed"
@@ -514,3 +514,80 @@ async def test_publish_result_complete_only_when_everything_confirmed() -> None:
     assert PublishResult((message,), ()).complete
     assert PublishResult((), ()).complete
     assert not PublishResult((), ((message, "nack"),)).complete
+
+
+# -- no second copy, no swapped outcome -------------------------------------------------------
+
+
+async def test_a_stall_longer_than_the_confirm_timeout_stores_one_copy_per_message(
+    make_publisher: Callable[..., Publisher],
+    amqp_ns: AmqpNamespace,
+    amqp_proxy: TcpProxy,
+    amqp_url: str,
+) -> None:
+    # The broker goes silent while messages are on their way; every retry during the stall
+    # times out. A retry must wait for the first copy's outcome instead of sending another.
+    publisher = await started(make_publisher(amqp_proxy.url(amqp_url), confirm_timeout=0.5))
+    messages = make_messages(amqp_ns, 20)
+    collector = await amqp_ns.consume(messages[0].exchange)
+    assert (await publisher.publish(messages[:1])).complete
+    await collector.wait_for(1)
+
+    amqp_proxy.pause()
+    for _ in range(3):
+        result = await publisher.publish(messages[1:])
+        assert result.confirmed == ()
+        assert {reason for _, reason in result.failed} == {"timeout"}
+    amqp_proxy.resume()
+
+    # Once the broker answers, the retry learns the first copy was stored: confirmed, unsent.
+    assert await eventually(lambda: len(collector.messages) >= 20)
+    sent_before = amqp_proxy.bytes_up
+    result = await publisher.publish(messages[1:])
+    assert result.confirmed == tuple(messages[1:])
+    assert amqp_proxy.bytes_up == sent_before  # nothing was sent again
+    stored = ids(await collector.settle(quiet=0.5))
+    assert sorted(stored) == sorted(ids(messages)), "a message was stored twice or lost"
+
+
+async def test_same_message_id_in_flight_twice_never_swaps_a_return_into_a_confirm(
+    make_publisher: Callable[..., Publisher], amqp_ns: AmqpNamespace
+) -> None:
+    # Two publishes of one message_id at once: one to an exchange that returns it (no alternate
+    # exchange, no queue), one to an exchange with a queue. aiormq matches basic.return by
+    # message_id, so without care the return lands on the other publish and the returned copy
+    # is reported confirmed although the broker holds nothing of it.
+    channel = await amqp_ns.channel()
+    returning = f"{amqp_ns.prefix}.returning"
+    await channel.declare_exchange(returning, aio_pika.ExchangeType.TOPIC, durable=True)
+    await channel.declare_exchange(
+        amqp_ns.unrouted_exchange, aio_pika.ExchangeType.FANOUT, durable=True
+    )
+    publisher = await started(make_publisher(declare=False))
+    (template,) = make_messages(amqp_ns, 1)
+    routed_exchange = template.exchange
+    collector = await amqp_ns.consume(routed_exchange)
+    lost = dataclasses.replace(template, exchange=returning)
+
+    for _ in range(5):
+        first, second = await asyncio.gather(
+            publisher.publish([lost]), publisher.publish([template])
+        )
+        assert first.failed == ((lost, "returned"),)
+        assert second.confirmed == (template,)
+    assert len(await collector.settle(quiet=0.5)) == 5
+
+
+async def test_after_a_return_the_unrouted_path_is_declared_again(
+    publisher: Publisher, amqp_ns: AmqpNamespace
+) -> None:
+    lost = make_messages(amqp_ns, 3, routing_key="nobody")
+    channel = await amqp_ns.channel()
+    await channel.queue_delete(amqp_ns.unrouted_exchange)  # someone deletes the unrouted queue
+
+    first = await publisher.publish(lost)
+    assert {reason for _, reason in first.failed} == {"returned"}
+
+    again = await publisher.publish(lost)
+    assert again.confirmed == tuple(lost)
+    assert await amqp_ns.message_count(amqp_ns.unrouted_exchange) == 3

@@ -107,3 +107,23 @@ def test_missing_credentials_fail_with_one_line(tmp_path: object) -> None:
     assert proc.returncode == 2
     expected = "error: BRIDGE_CLIENT_ID is required (the Bitrix24 application's client id)"
     assert proc.stderr.strip().splitlines() == [f"bitrix24-bridge: {expected}"]
+
+
+@pytest.mark.parametrize("url", ["http://bridge:8080", "https://localhost", "http://b24-bridge/x"])
+def test_a_handler_url_whose_host_has_no_dot_is_refused(url: str) -> None:
+    # A portal answers ERROR_WRONG_HANDLER_URL for it (HandlerHelper::checkCallback).
+    with pytest.raises(ConfigError, match=r"BRIDGE_PUBLIC_URL.*no dot"):
+        load_settings({"BRIDGE_PUBLIC_URL": url})
+
+
+def test_a_dotted_handler_host_is_accepted() -> None:
+    assert load_settings({"BRIDGE_PUBLIC_URL": "https://b24.example.com"}).public_url
+    assert load_settings({"BRIDGE_PUBLIC_URL": "http://127.0.0.1:8080"}).public_url
+
+
+def test_operating_limit_and_poison_attempts() -> None:
+    settings = load_settings({})
+    assert settings.operating_limit == 420
+    assert settings.poison_attempts == 5
+    with pytest.raises(ConfigError, match="BRIDGE_POISON_ATTEMPTS"):
+        load_settings({"BRIDGE_POISON_ATTEMPTS": "0"})

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from bench.context import Context
 from bench.report import Result
-from bench.scenarios import burst, drain, e2e, memory, throttled
+from bench.scenarios import burst, drain, e2e, kills, memory, throttled
 
 
 @dataclass(frozen=True)
@@ -25,5 +25,6 @@ SCENARIOS = {
         Scenario("burst", burst.TITLE, burst.run),
         Scenario("e2e", e2e.TITLE, e2e.run),
         Scenario("memory", memory.TITLE, memory.run),
+        Scenario("kills", kills.TITLE, kills.run),
     )
 }

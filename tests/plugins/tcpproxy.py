@@ -26,6 +26,7 @@ class TcpProxy:
         self.accepted = 0  # connections served so far, cut or not
         self.bytes_up = 0  # client -> target, all links
         self._cut_at: int | None = None
+        self._pause_at_cut = False
         self._server: asyncio.Server | None = None
         self._flowing = asyncio.Event()
         self._flowing.set()
@@ -87,9 +88,11 @@ class TcpProxy:
             upstream.transport.abort()
         return len(links)
 
-    def cut_after(self, nbytes: int) -> None:
-        """Cut every link once ``nbytes`` more bytes went upstream (mid-frame, deterministic)."""
+    def cut_after(self, nbytes: int, *, then_pause: bool = False) -> None:
+        """Cut every link once ``nbytes`` more bytes went upstream (mid-frame, deterministic);
+        ``then_pause``: and hold every new connection from that moment (a cut, then an outage)."""
         self._cut_at = self.bytes_up + nbytes
+        self._pause_at_cut = then_pause
 
     def pause(self) -> None:
         self._flowing.clear()
@@ -150,6 +153,8 @@ class TcpProxy:
                     self.bytes_up += len(data)
                 writer.write(data)
                 if cut:
+                    if self._pause_at_cut:
+                        self.pause()
                     self.cut()
                     return
                 await writer.drain()

@@ -1,0 +1,141 @@
+"""The service's own rules: one drainer per portal whatever installs do; liveness by progress."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bridge.drain import Drainer
+from bridge.metrics import Metrics
+from bridge.offline_queue import PassReport
+from bridge.service import STUCK_AFTER, PortalSession, Service
+from bridge.settings import load_settings
+from tests.harness import bridge_env
+
+
+def _drain_tasks() -> list[asyncio.Task[Any]]:
+    return [t for t in asyncio.all_tasks() if t.get_name().startswith("drain ") and not t.done()]
+
+
+async def test_concurrent_installs_leave_one_drainer_and_close_stops_it(
+    emulated, amqp_ns, tmp_path: Path
+) -> None:
+    _server, portal, port = emulated
+    env = await bridge_env(portal, amqp_ns, tmp_path / "state.sqlite3", BRIDGE_HTTP_PORT=str(port))
+    for name in ("BRIDGE_PORTAL_URL", "BRIDGE_REFRESH_TOKEN", "BRIDGE_APPLICATION_TOKEN"):
+        env.pop(name)
+    env["BRIDGE_EVENTS"] = "ONCRMLEADADD"
+    env["BRIDGE_PUBLIC_URL"] = "http://127.0.0.1:9"  # binding fails slowly enough to overlap
+    service = Service(load_settings(env))
+    await service.open()
+    try:
+        await service.start_draining()
+        installs = []
+        for _ in range(4):
+            app = await portal.app()  # a fresh refresh token for each install
+            installs.append(
+                service.install(app["member_id"], app["refresh_token"], app["application_token"])
+            )
+        await asyncio.gather(*installs)
+        assert len(service.sessions) == 1
+        assert len(_drain_tasks()) == 1, [t.get_name() for t in _drain_tasks()]
+    finally:
+        await service.close()
+    assert _drain_tasks() == []
+    assert [t for t in asyncio.all_tasks() if t.get_name().startswith("bind ")] == []
+
+
+class SlowSource:
+    """A pass that runs as long as the test wants; its progress is set by hand."""
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.progress_at = time.monotonic()
+
+    @property
+    def name(self) -> str:
+        return "slow.example"
+
+    def request_stop(self) -> None:
+        self.gate.set()
+
+    async def run_pass(self, *, full_check: bool) -> PassReport:
+        await self.gate.wait()
+        return PassReport()
+
+
+async def test_a_long_pass_that_keeps_moving_is_alive_one_that_stalls_is_not(
+    tmp_path: Path,
+) -> None:
+    settings = load_settings(
+        {
+            "BRIDGE_CLIENT_ID": "local.x",
+            "BRIDGE_CLIENT_SECRET": "secret",
+            "BRIDGE_STATE_PATH": str(tmp_path / "s.sqlite3"),
+        }
+    )
+    service = Service(settings)
+    source = SlowSource()
+    drainer = Drainer(source, metrics=Metrics())
+    service.sessions["m"] = PortalSession(client=None, queue=None, drainer=drainer)  # type: ignore[arg-type]
+    drainer.start()
+    try:
+        await asyncio.sleep(0.05)
+        assert drainer.in_pass
+        now = time.monotonic()
+        drainer.beat = now - 2 * STUCK_AFTER  # the pass started long ago...
+        source.progress_at = now  # ...and pages still flow
+        assert service.liveness() is None
+        source.progress_at = now - STUCK_AFTER - 1  # nothing moved for too long
+        problem = service.liveness()
+        assert problem is not None
+        assert "no progress" in problem
+    finally:
+        await drainer.stop(1)
+        await service.http.aclose()
+
+
+async def test_readyz_reports_a_failed_binding_and_status_shows_it(
+    emulated, amqp_ns, tmp_path: Path
+) -> None:
+    from tests.harness import bridge_in_process
+
+    _server, portal, port = emulated
+    env = await bridge_env(portal, amqp_ns, tmp_path / "state.sqlite3", BRIDGE_HTTP_PORT=str(port))
+    for name in ("BRIDGE_PORTAL_URL", "BRIDGE_REFRESH_TOKEN", "BRIDGE_APPLICATION_TOKEN"):
+        env.pop(name)
+    env["BRIDGE_EVENTS"] = "ONCRMLEADADD"
+    async with bridge_in_process(env) as bridge:
+        await portal.faults(
+            fail_with={"event.bind": {"error": "ERROR_WRONG_HANDLER_URL", "count": 1}}
+        )
+        app = await portal.app()
+        await bridge.service.install(
+            app["member_id"], app["refresh_token"], app["application_token"]
+        )
+        async with httpx.AsyncClient() as http:
+            for _ in range(100):
+                ready = (await http.get(f"{bridge.url}/readyz")).json()
+                if ready["portals"] and "binding_error" in ready["portals"][0]:
+                    break
+                await asyncio.sleep(0.05)
+            metrics = (await http.get(f"{bridge.url}/metrics")).text
+        (detail,) = ready["portals"]
+        assert "ERROR_WRONG_HANDLER_URL" in detail["binding_error"]
+        assert "bitrix24_bridge_binding_failed{portal=" in metrics
+        line = next(
+            m for m in metrics.splitlines() if m.startswith("bitrix24_bridge_binding_failed{")
+        )
+        assert line.endswith(" 1.0")
+        from bridge.tools import portal_status
+
+        for _ in range(100):
+            report = await portal_status(load_settings(env), ask_upstream=False)
+            if report["portals"][0]["binding_error"]:
+                break
+            await asyncio.sleep(0.05)
+        assert "ERROR_WRONG_HANDLER_URL" in report["portals"][0]["binding_error"]
