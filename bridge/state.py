@@ -88,16 +88,6 @@ CREATE TABLE IF NOT EXISTS seen (
     added_at REAL NOT NULL,
     PRIMARY KEY (source, key, id)
 );
-CREATE TABLE IF NOT EXISTS rejects (
-    source TEXT NOT NULL,
-    key TEXT NOT NULL,
-    fingerprint TEXT NOT NULL,
-    position TEXT,
-    reason TEXT NOT NULL,
-    body TEXT NOT NULL,
-    recorded_at REAL NOT NULL,
-    PRIMARY KEY (source, key, fingerprint)
-);
 """
 
 _SECRET_FIELDS = ("access_token", "refresh_token", "application_token")
@@ -580,36 +570,6 @@ class State:
                 )
 
         await self._write(run)
-
-    # -- events of polled sources that could not be published ------------------------------
-
-    async def reject_add(
-        self, source: str, key: str, fingerprint: str, position: str | None, reason: str, body: str
-    ) -> bool:
-        """Record an event set aside as malformed; False if that very event was recorded before."""
-
-        def run() -> bool:
-            with self._conn:
-                cursor = self._conn.execute(
-                    "INSERT OR IGNORE INTO rejects VALUES (?,?,?,?,?,?,?)",
-                    (source, key, fingerprint, position, reason, body, time.time()),
-                )
-            return cursor.rowcount > 0
-
-        return await self._write(run)
-
-    async def rejects(self, source: str, key: str) -> list[dict[str, Any]]:
-        """The recorded rejects of one source key, oldest first."""
-
-        def run() -> list[dict[str, Any]]:
-            rows = self._conn.execute(
-                "SELECT fingerprint, position, reason, body, recorded_at FROM rejects "
-                "WHERE source=? AND key=? ORDER BY recorded_at, rowid",
-                (source, key),
-            )
-            return [dict(r) for r in rows]
-
-        return await self._run(run)
 
 
 def _migrate(conn: sqlite3.Connection) -> None:

@@ -437,10 +437,11 @@ async def test_a_malformed_event_is_recorded_counted_and_passed(
         await drain(rig, passes=2)  # read again by the re-scans: recorded and counted once
         ids = {m.message_id for m in await collector.settle(quiet=0.3)}
         assert ids == {e.key for e in good}
-        rejects = await rig.state.rejects(SOURCE, BOX)
-        assert [r["position"] for r in rejects] == [e.index_key for e in bad]
-        assert "no EventId" in rejects[0]["reason"]
-        assert json.loads(rejects[1]["body"])["Timestamp"] == "yesterday"
+        parked = await rig.state.parked(SOURCE)
+        assert [r.key for r in parked] == [BOX, BOX]
+        assert [r.ref.split(":")[0] for r in parked] == [e.index_key for e in bad]
+        assert "no EventId" in parked[0].reason
+        assert json.loads(parked[1].payload)["Timestamp"] == "yesterday"
         assert rig.sample("malformed_events_total", box=BOX) == 2
         logged = [r for r in caplog.records if "malformed" in r.getMessage()]
         assert len(logged) == 2
@@ -462,7 +463,7 @@ async def test_a_malformed_event_without_a_place_does_not_stall_the_feed(
         await drain(rig)
         ids = {m.message_id for m in await collector.settle(quiet=0.3)}
         assert ids == {e.key for e in before + after}
-        assert len(await rig.state.rejects(SOURCE, BOX)) == 1
+        assert len(await rig.state.parked(SOURCE)) == 1
     finally:
         await rig.close()
 

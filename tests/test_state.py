@@ -167,19 +167,3 @@ async def test_several_source_values_are_written_together_or_not_at_all(tmp_path
         assert await state.cursor("src", "mark") == "m-1"
     finally:
         await state.close()
-
-
-async def test_rejects_are_recorded_once_and_listed(tmp_path: Path) -> None:
-    state = await State.open(str(tmp_path / "s.sqlite3"))
-    try:
-        assert await state.reject_add("src", "box", "fp-1", "key-1", "no EventId", "{}")
-        assert not await state.reject_add("src", "box", "fp-1", "key-1", "no EventId", "{}")
-        assert await state.reject_add("src", "box", "fp-2", None, "not an object", "[]")
-        rows = await state.rejects("src", "box")
-        assert [(r["fingerprint"], r["position"], r["reason"]) for r in rows] == [
-            ("fp-1", "key-1", "no EventId"),
-            ("fp-2", None, "not an object"),
-        ]
-        assert await state.rejects("src", "other") == []
-    finally:
-        await state.close()

@@ -2,8 +2,9 @@
 
 The seen-set (the ids of events already in RabbitMQ, bounded, in the state file) keeps an event
 that is read again (a tie re-read, a re-scan, a page retried after a failure, an event Diadoc
-delivers twice) from being published twice. A malformed event is set aside here: recorded once
-in the state file's ``rejects`` table, counted and logged, so the cursor can pass it.
+delivers twice) from being published twice. A malformed event is set aside here: parked once in
+the state file (``parked`` table, source ``diadoc``), counted and logged, so the cursor can pass
+it.
 """
 
 from __future__ import annotations
@@ -44,27 +45,19 @@ class Delivery:
         self.rereads: frozenset[str] = frozenset()
 
     async def reject(self, rejects: Sequence[Reject]) -> None:
-        """Record malformed events in the state file, once each; count and log the new ones."""
+        """Park malformed events in the state file, once each; count and log the new ones."""
+        if not rejects:
+            return
+        known = {r.ref for r in await self._state.parked(SOURCE) if r.key == self.box_id}
         for reject in rejects:
-            new = await self._state.reject_add(
-                SOURCE,
-                self.box_id,
-                reject.fingerprint,
-                reject.index_key,
-                reject.reason,
-                reject.body,
-            )
-            if not new:
-                continue
+            if reject.ref in known:
+                continue  # read again (a re-scan, a retried page): recorded and counted before
+            known.add(reject.ref)
+            await self._state.park(SOURCE, self.box_id, reject.ref, reject.reason, reject.body)
             self._metrics.malformed.labels(box=self.box_id).inc()
             log.error(
-                "diadoc event malformed: recorded in the state file and passed",
-                extra={
-                    "box": self.box_id,
-                    "reason": reject.reason,
-                    "index_key": reject.index_key,
-                    "fingerprint": reject.fingerprint,
-                },
+                "diadoc event malformed: parked in the state file and passed",
+                extra={"box": self.box_id, "reason": reject.reason, "ref": reject.ref},
             )
 
     def tie_overflow(self, page: Page) -> None:

@@ -52,6 +52,11 @@ class Reject:
         text = json.dumps(core, ensure_ascii=False, sort_keys=True, default=repr)
         return hashlib.sha256(text.encode()).hexdigest()[:32]
 
+    @property
+    def ref(self) -> str:
+        """How the state file names it: where it sits in the feed, and which event it is."""
+        return f"{self.index_key or '-'}:{self.fingerprint}"
+
     @classmethod
     def of(cls, raw: object, exc: MalformedEvent) -> Reject:
         return cls(reason=str(exc), index_key=index_key_of(raw), raw=raw)

@@ -132,6 +132,7 @@ def diadoc_drainers(
 async def diadoc_status(settings: DiadocSettings, state: State) -> list[dict[str, Any]]:
     """Per box: where its cursor stands and how far behind the feed it is (state only)."""
     now = time.time()
+    parked = [r.key for r in await state.parked(SOURCE)]
     rows: list[dict[str, Any]] = []
     for box in settings.boxes:
         raw = await state.cursor(SOURCE, box)
@@ -150,8 +151,8 @@ async def diadoc_status(settings: DiadocSettings, state: State) -> list[dict[str
                 # None until that happened once.
                 "lag_s": None if checked is None else round(max(0.0, now - checked), 1),
                 "api_version": settings.api_version,
-                # Events set aside as malformed (table ``rejects`` of the state file).
-                "malformed": len(await state.rejects(SOURCE, box)),
+                # Events set aside as malformed (``parked`` in the state file).
+                "malformed": parked.count(box),
             }
         )
     return rows
