@@ -182,7 +182,8 @@ def _diadoc_channel(diadoc: DiadocSettings, unrouted: str, vhost: str) -> Docume
                 "enum": [routing_word(box) for box in diadoc.boxes],
             },
             "documentType": {
-                "description": "Document.DocumentInfo.TypeNamedId ('unknown' when absent)",
+                "description": "Document.DocumentInfo.FullVersion.TypeNamedId "
+                "('unknown' when absent)",
                 "examples": ["UniversalTransferDocument", "Nonformalized"],
             },
         },

@@ -151,7 +151,7 @@ def diadoc_headers() -> Schema:
         "x-diadoc-event-id": "EventId",
         "x-diadoc-message-id": "DocumentId.MessageId (may be empty)",
         "x-diadoc-entity-id": "DocumentId.EntityId (may be empty)",
-        "x-diadoc-document-type": "Document.DocumentInfo.TypeNamedId, or 'unknown'",
+        "x-diadoc-document-type": "Document.DocumentInfo.FullVersion.TypeNamedId, or 'unknown'",
     }
     return {
         "type": "object",
@@ -162,8 +162,8 @@ def diadoc_headers() -> Schema:
 
 
 def diadoc_payload() -> Schema:
-    # A DocflowEventV3 as GetDocflowEvents_V3 returns it (Kontur's diadocapi-docs,
-    # docs/source/proto/DocflowEventV3.rst), passed through untouched.
+    # A DocflowEventV5 as GetDocflowEvents (V5) returns it (Kontur's diadocsdk-csharp,
+    # proto/Docflow/DocflowApiV5.proto), passed through untouched.
     document_id: Schema = {
         "type": "object",
         "properties": {"MessageId": {"type": "string"}, "EntityId": {"type": "string"}},
@@ -188,13 +188,19 @@ def diadoc_payload() -> Schema:
             "PreviousEventId": {"type": "string"},
             "Document": {
                 "type": "object",
-                "description": "the document after the event (DocumentWithDocflowV3); present "
-                "when BRIDGE_DIADOC_POPULATE_DOCUMENTS is on",
+                "description": "the document after the event (DocumentWithDocflowV5); present "
+                "when BRIDGE_DIADOC_POPULATE_DOCUMENTS is on (late events found by the re-scan "
+                "may lack it)",
                 "properties": {
                     "DocumentId": document_id,
                     "DocumentInfo": {
                         "type": "object",
-                        "properties": {"TypeNamedId": {"type": "string"}},
+                        "properties": {
+                            "FullVersion": {
+                                "type": "object",
+                                "properties": {"TypeNamedId": {"type": "string"}},
+                            }
+                        },
                     },
                 },
             },

@@ -11,7 +11,7 @@ import asyncio
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -548,6 +548,28 @@ class State:
     async def set_source_secret(self, source: str, key: str, value: str) -> None:
         """Stored in ``cursors``, encrypted with ``BRIDGE_STATE_KEY`` when one is set."""
         await self.set_cursor(source, key, self._seal(value))
+
+    async def set_source_values(
+        self, source: str, values: Mapping[str, str], *, secret: Collection[str] = ()
+    ) -> None:
+        """Several ``cursors`` rows in one transaction: all of them are on disk, or none.
+
+        The keys named in ``secret`` are sealed like :meth:`set_source_secret`.
+        """
+
+        def run() -> None:
+            now = time.time()
+            rows = [
+                (source, k, self._seal(v) if k in secret else v, now) for k, v in values.items()
+            ]
+            with self._conn:
+                self._conn.executemany(
+                    "INSERT INTO cursors VALUES (?,?,?,?) ON CONFLICT(source, key) DO UPDATE SET "
+                    "value=excluded.value, updated_at=excluded.updated_at",
+                    rows,
+                )
+
+        await self._write(run)
 
 
 def _migrate(conn: sqlite3.Connection) -> None:

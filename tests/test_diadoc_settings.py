@@ -22,7 +22,10 @@ def test_defaults_and_comma_list() -> None:
     settings = load_diadoc_settings({**CREDS, "BRIDGE_DIADOC_BOXES": " a-1 , b-2,, "})
     assert settings.enabled
     assert settings.boxes == ("a-1", "b-2")
-    assert settings.rescan_window == 3600
+    assert settings.rescan_window == 86_400  # a day, read every half hour: the re-scan is cheap
+    assert settings.rescan_interval == 1800
+    assert settings.api_version == "V5"
+    assert settings.department_id is None
     assert settings.page_limit == 100
     assert settings.exchange == "diadoc.events"
     assert settings.token_url == "https://identity.kontur.ru/connect/token"
@@ -47,6 +50,13 @@ def test_secrets_stay_out_of_repr() -> None:
         ({**CREDS, "BRIDGE_DIADOC_BOXES": "a", "BRIDGE_DIADOC_API_URL": "ftp://x"}, "API_URL"),
         ({**CREDS, "BRIDGE_DIADOC_BOXES": "a,a"}, "BRIDGE_DIADOC_BOXES"),
         ({**CREDS, "BRIDGE_DIADOC_POLL_INTERVAL": "soon"}, "POLL_INTERVAL"),
+        ({**CREDS, "BRIDGE_DIADOC_API_VERSION": "V2"}, "BRIDGE_DIADOC_API_VERSION"),
+        ({**CREDS, "BRIDGE_DIADOC_API_VERSION": "latest"}, "BRIDGE_DIADOC_API_VERSION"),
+        ({**CREDS, "BRIDGE_DIADOC_DEPARTMENT_ID": "a b"}, "BRIDGE_DIADOC_DEPARTMENT_ID"),
+        (
+            {**CREDS, "BRIDGE_DIADOC_BOXES": "a,b", "BRIDGE_DIADOC_DEPARTMENT_ID": "d"},
+            "BRIDGE_DIADOC_DEPARTMENT_ID",
+        ),
     ],
 )
 def test_bad_values_are_one_line_naming_the_variable(env: dict[str, str], variable: str) -> None:
@@ -67,3 +77,16 @@ def test_plain_http_warning_only_off_loopback() -> None:
         {**CREDS, "BRIDGE_DIADOC_BOXES": "a", "BRIDGE_DIADOC_TOKEN_URL": "http://idp.example"}
     )
     assert remote.plain_http_urls() == ["BRIDGE_DIADOC_TOKEN_URL"]
+
+
+@pytest.mark.parametrize(("given", "version"), [("5", "V5"), ("v4", "V4"), (" V3 ", "V3")])
+def test_api_version_is_normalised(given: str, version: str) -> None:
+    settings = load_diadoc_settings({**CREDS, "BRIDGE_DIADOC_API_VERSION": given})
+    assert settings.api_version == version
+
+
+def test_department_id_for_one_box() -> None:
+    env = {**CREDS, "BRIDGE_DIADOC_BOXES": "a", "BRIDGE_DIADOC_DEPARTMENT_ID": " dep-1 "}
+    assert load_diadoc_settings(env).department_id == "dep-1"
+    empty = {**env, "BRIDGE_DIADOC_DEPARTMENT_ID": ""}
+    assert load_diadoc_settings(empty).department_id is None

@@ -60,6 +60,13 @@ DIADOC_METRICS = {
     "bitrix24_bridge_diadoc_requests_total",
     "bitrix24_bridge_diadoc_token_refreshes_total",
     "bitrix24_bridge_diadoc_lag_seconds",
+    "bitrix24_bridge_diadoc_malformed_events_total",
+    "bitrix24_bridge_diadoc_tie_overflows_total",
+    "bitrix24_bridge_diadoc_api_deprecation_notices_total",
+    "bitrix24_bridge_diadoc_api_sunset_timestamp_seconds",
+    "bitrix24_bridge_diadoc_caught_up_timestamp_seconds",
+    "bitrix24_bridge_diadoc_last_answer_timestamp_seconds",
+    "bitrix24_bridge_diadoc_last_event_timestamp_seconds",
 }
 HISTOGRAMS = {
     "bitrix24_bridge_drain_pass_duration_seconds",

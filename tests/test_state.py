@@ -146,3 +146,24 @@ async def test_failed_write_raises_and_is_reported(tmp_path: Path) -> None:
 async def test_portal_repr_hides_tokens() -> None:
     assert "refresh-BBBB" not in repr(PORTAL)
     assert "access-AAAA" not in repr(PORTAL)
+
+
+async def test_several_source_values_are_written_together_or_not_at_all(tmp_path: Path) -> None:
+    path = str(tmp_path / "s.sqlite3")
+    state = await State.open(path, [Fernet.generate_key()])
+    try:
+        await state.set_source_values("src", {"token": "t-1", "mark": "m-1"}, secret={"token"})
+        assert await state.source_secret("src", "token") == "t-1"
+        assert (await state.cursor("src", "token") or "").startswith("fernet:")
+        assert await state.cursor("src", "mark") == "m-1"
+        with sqlite3.connect(path) as conn:  # the second row cannot be written
+            conn.execute(
+                "CREATE TRIGGER no_mark BEFORE UPDATE ON cursors WHEN NEW.key = 'mark' "
+                "BEGIN SELECT RAISE(ABORT, 'refused'); END"
+            )
+        with pytest.raises(StateError):
+            await state.set_source_values("src", {"token": "t-2", "mark": "m-2"}, secret={"token"})
+        assert await state.source_secret("src", "token") == "t-1"
+        assert await state.cursor("src", "mark") == "m-1"
+    finally:
+        await state.close()

@@ -9,6 +9,7 @@ exchange instead of being dropped.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -18,12 +19,52 @@ from bridge.diadoc.ticks import to_datetime
 from bridge.publisher import OutgoingMessage
 
 UNKNOWN_TYPE = "unknown"
+MAX_REJECT_BODY = 65_536  # characters of a malformed event kept in the state file
+_POPULATED = frozenset({"Document", "PreviousDocumentState"})
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
 class MalformedEvent(ValueError):
-    """An event the bridge cannot publish; the cursor stays before its page."""
+    """An event the bridge cannot publish: it is recorded as a :class:`Reject` and passed."""
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    """A malformed event, as the state file keeps it for an operator to inspect."""
+
+    reason: str
+    index_key: str | None  # where it sits in the feed, if it says
+    raw: object
+
+    @property
+    def body(self) -> str:
+        text = json.dumps(self.raw, ensure_ascii=False, sort_keys=True, default=repr)
+        return text[:MAX_REJECT_BODY]
+
+    @property
+    def fingerprint(self) -> str:
+        """The same event read again is recorded once, with or without its document (the
+        re-scan reads bare events)."""
+        core = self.raw
+        if isinstance(core, Mapping):
+            core = {k: v for k, v in core.items() if k not in _POPULATED}
+        text = json.dumps(core, ensure_ascii=False, sort_keys=True, default=repr)
+        return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+    @property
+    def ref(self) -> str:
+        """How the state file names it: where it sits in the feed, and which event it is."""
+        return f"{self.index_key or '-'}:{self.fingerprint}"
+
+    @classmethod
+    def of(cls, raw: object, exc: MalformedEvent) -> Reject:
+        return cls(reason=str(exc), index_key=index_key_of(raw), raw=raw)
+
+
+def index_key_of(raw: object) -> str | None:
+    key = raw.get("IndexKey") if isinstance(raw, Mapping) else None
+    return key if isinstance(key, str) and key else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +98,8 @@ def parse_event(raw: object) -> DocflowEvent:
         raise MalformedEvent("event has no EventId")
     if not isinstance(index_key, str) or not index_key:
         raise MalformedEvent(f"event {event_id} has no IndexKey")
+    if isinstance(ticks, str) and ticks.isdigit():
+        ticks = int(ticks)  # the proto3 JSON form of a 64-bit integer
     if not isinstance(ticks, int) or isinstance(ticks, bool):
         raise MalformedEvent(f"event {event_id} has no Timestamp.Ticks")
     document_id = raw.get("DocumentId")
@@ -73,10 +116,24 @@ def parse_event(raw: object) -> DocflowEvent:
 
 
 def _document_type(raw: Mapping[str, Any]) -> str:
-    document = raw.get("Document")
-    info = document.get("DocumentInfo") if isinstance(document, Mapping) else None
-    name = info.get("TypeNamedId") if isinstance(info, Mapping) else None
-    return name if isinstance(name, str) and name else UNKNOWN_TYPE
+    """``Document.DocumentInfo.FullVersion.TypeNamedId``, where Kontur puts it.
+
+    ``DocumentInfoV3`` and ``DocumentInfoV5`` hold the type in ``FullVersion`` (in
+    ``diadoc/diadocsdk-csharp``: ``proto/Docflow/DocumentInfoV5.proto``,
+    ``proto/FullVersion.proto``); a flat ``DocumentInfo.TypeNamedId`` is read as a fallback.
+    Without ``PopulateDocuments`` there is no document and the type is unknown.
+    """
+    info = _at(raw, "Document", "DocumentInfo")
+    for name in (_at(info, "FullVersion", "TypeNamedId"), _at(info, "TypeNamedId")):
+        if isinstance(name, str) and name:
+            return name
+    return UNKNOWN_TYPE
+
+
+def _at(value: object, *path: str) -> object:
+    for step in path:
+        value = value.get(step) if isinstance(value, Mapping) else None
+    return value
 
 
 def routing_word(value: str) -> str:

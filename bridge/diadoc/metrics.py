@@ -1,11 +1,14 @@
 """Diadoc metrics, registered in the application's registry beside the Bitrix24 ones.
 
-Labels are bounded: box ids come from configuration, outcomes from a fixed list.
+Labels are bounded: box ids and the API version come from configuration, outcomes and header
+names from fixed lists. Times are exported as Unix timestamps too, so an alert computes the age
+itself (``time() - ...``) and keeps counting while the bridge cannot reach Diadoc.
 """
 
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
@@ -35,6 +38,18 @@ class DiadocMetrics:
             ["box"],
             registry=r,
         )
+        self.malformed = Counter(
+            _D + "malformed_events_total",
+            "Events set aside as malformed (recorded in the state file; the cursor passed them)",
+            ["box"],
+            registry=r,
+        )
+        self.tie_overflows = Counter(
+            _D + "tie_overflows_total",
+            "Pages filled by events sharing one IndexKey: members beyond the page were skipped",
+            ["box"],
+            registry=r,
+        )
         self.requests = Counter(
             _D + "requests_total", "Diadoc API requests by outcome", ["outcome"], registry=r
         )
@@ -44,12 +59,53 @@ class DiadocMetrics:
             ["outcome"],
             registry=r,
         )
+        self.api_notices = Counter(
+            _D + "api_deprecation_notices_total",
+            "Answers announcing the retirement of the API version in use (Sunset, Deprecation)",
+            ["version", "header"],
+            registry=r,
+        )
+        self.api_sunset = Gauge(
+            _D + "api_sunset_timestamp_seconds",
+            "When Diadoc says the API version in use will be removed (its Sunset header)",
+            ["version"],
+            registry=r,
+        )
         self.lag = Gauge(
             _D + "lag_seconds",
             "Seconds since the box's feed was last read to its end with everything confirmed",
             ["box"],
             registry=r,
         )
+        self.caught_up = Gauge(
+            _D + "caught_up_timestamp_seconds",
+            "When the box's feed was last read to its end with everything confirmed",
+            ["box"],
+            registry=r,
+        )
+        self.last_answer = Gauge(
+            _D + "last_answer_timestamp_seconds",
+            "When Diadoc last answered a read of the box's feed",
+            ["box"],
+            registry=r,
+        )
+        self.last_event = Gauge(
+            _D + "last_event_timestamp_seconds",
+            "Timestamp of the newest event the box's cursor passed (confirmed by the broker)",
+            ["box"],
+            registry=r,
+        )
+
+    def track_lag(
+        self, box: str, since: Callable[[], float | None], now: Callable[[], float]
+    ) -> None:
+        """Compute the box's lag when scraped: it grows during an outage instead of freezing."""
+
+        def lag() -> float:
+            caught_up = since()
+            return 0.0 if caught_up is None else max(0.0, now() - caught_up)
+
+        self.lag.labels(box=box).set_function(lag)
 
 
 _BY_REGISTRY: weakref.WeakKeyDictionary[CollectorRegistry, DiadocMetrics] = (

@@ -35,9 +35,14 @@ class DiadocSettings(BaseSettings):
     refresh_token: SecretStr | None = None
     boxes: CommaList = ()
 
+    # GetDocflowEvents version: V5 is current; V3 and V4 read the same fields.
+    api_version: str = "V5"
+    # For an account that sees only one department of its organisation (else 403).
+    department_id: str | None = None
     poll_interval: float = Field(default=30, gt=0)
-    rescan_window: float = Field(default=3600, ge=0)
-    rescan_interval: float = Field(default=300, gt=0)
+    # The late-event re-scan reads bare events, so a day-long window stays cheap.
+    rescan_window: float = Field(default=86_400, ge=0)
+    rescan_interval: float = Field(default=1800, gt=0)
     # Where a box seen for the first time starts reading, in seconds before now.
     start_lookback: float = Field(default=3600, ge=0)
     page_limit: int = Field(default=100, ge=1, le=100)
@@ -61,6 +66,24 @@ class DiadocSettings(BaseSettings):
             raise ValueError("a box is listed twice")
         return value
 
+    @field_validator("api_version", mode="before")
+    @classmethod
+    def _version(cls, value: object) -> object:
+        text = str(value).strip().upper().removeprefix("V")
+        if not text.isdigit() or int(text) < 3:
+            raise ValueError("must be V3 or later, e.g. V5 (older versions lack FullVersion)")
+        return f"V{int(text)}"
+
+    @field_validator("department_id", mode="before")
+    @classmethod
+    def _department(cls, value: object) -> object:
+        if value is None or not str(value).strip():
+            return None
+        text = str(value).strip()
+        if any(c.isspace() or c in "#*/?&," for c in text):
+            raise ValueError(f"department id {text!r} has characters a department id never has")
+        return text
+
     @field_validator("api_url", "token_url")
     @classmethod
     def _http_url(cls, value: str) -> str:
@@ -77,6 +100,10 @@ class DiadocSettings(BaseSettings):
             raise ValueError("client_id: required when BRIDGE_DIADOC_BOXES is set")
         if self.client_secret is None or not self.client_secret.get_secret_value():
             raise ValueError("client_secret: required when BRIDGE_DIADOC_BOXES is set")
+        if self.department_id is not None and len(self.boxes) > 1:
+            raise ValueError(
+                "department_id: a department belongs to one organisation; list one box with it"
+            )
         return self
 
     @property

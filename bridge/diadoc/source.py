@@ -1,85 +1,50 @@
 """One Diadoc box as a drain source: read a page after the cursor → publish → confirm → advance.
 
-The cursor (the ``IndexKey`` of the last event, stored per box) moves only through
+The cursor (where the next read resumes, stored per box) moves only through
 :meth:`DocflowFeed._advance`, which accepts only a :class:`ConfirmedPage`, and a
 ``ConfirmedPage`` exists only when RabbitMQ confirmed every event of the page that needed
 publishing. A crash anywhere re-reads the page after the stored cursor: at-least-once.
 
-A cursor alone misses events Diadoc files late, behind it. So every ``rescan_interval`` the pass
-also reads the last ``rescan_window`` seconds in full and publishes what the seen-set (the ids of
-events already published, bounded, in the state file) does not know yet. The same seen-set keeps
-an event delivered twice from being published twice.
+What is published and what is set aside as malformed is :mod:`bridge.diadoc.delivery`'s
+business; events filed late, behind the cursor, the re-scan's (:mod:`bridge.diadoc.rescan`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
 from bridge.diadoc.client import DiadocClient
-from bridge.diadoc.messages import DocflowEvent, MalformedEvent, parse_event, to_message
+from bridge.diadoc.cursor import MAX_LIMIT, ConfirmedPage, Cursor, Page
+from bridge.diadoc.delivery import SOURCE, Delivery
 from bridge.diadoc.metrics import DiadocMetrics
+from bridge.diadoc.rescan import rescan
 from bridge.diadoc.ticks import TICKS_PER_SECOND, timestamp, to_ticks, to_unix
 from bridge.offline_queue import NotConfirmed, PassReport
-from bridge.publisher import Publisher, PublishResult
+from bridge.publisher import Publisher
 from bridge.state import State
 
 log = logging.getLogger(__name__)
 
-SOURCE = "diadoc"
 # ToTimestamp of every read: far enough ahead that a server clock running fast cannot hide an
 # event from a read whose cursor then moves past it.
 FUTURE_MARGIN = 86_400.0
 
 
 @dataclass(frozen=True, slots=True)
-class Cursor:
-    after: str | None  # IndexKey of the last confirmed event; None before the first one
-    ticks: int  # that event's Timestamp, or where a new box starts reading
-    checked_at: float | None = None  # Unix time the feed was last read to its end
-
-    def dumps(self) -> str:
-        return json.dumps({"after": self.after, "ticks": self.ticks, "checked_at": self.checked_at})
-
-    @classmethod
-    def loads(cls, raw: str) -> Cursor:
-        data: Any = json.loads(raw)
-        after = data.get("after")
-        checked = data.get("checked_at")
-        return cls(
-            after=after if isinstance(after, str) else None,
-            ticks=int(data["ticks"]),
-            checked_at=float(checked) if isinstance(checked, int | float) else None,
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class ConfirmedPage:
-    """A page every event of which is in RabbitMQ (or was already): the cursor may pass it."""
-
-    last: DocflowEvent
-
-    @classmethod
-    def of(cls, events: Sequence[DocflowEvent], result: PublishResult) -> ConfirmedPage | None:
-        if not events or not result.complete:
-            return None
-        return cls(last=events[-1])
-
-
-@dataclass(frozen=True, slots=True)
 class FeedOptions:
     exchange: str = "diadoc.events"
     page_limit: int = 100
-    rescan_window: float = 3600.0
-    rescan_interval: float = 300.0
+    rescan_window: float = 86_400.0
+    rescan_interval: float = 1800.0
     start_lookback: float = 3600.0
     seen_keep: int = 100_000
     populate_documents: bool = True
+    department_id: str | None = None
 
 
 class DocflowFeed:
@@ -99,13 +64,24 @@ class DocflowFeed:
         self.box_id = box_id
         self.client = client
         self._state = state
-        self._publisher = publisher
         self._metrics = metrics
         self.options = options
         self._clock = clock
         self._last_rescan = -math.inf  # a fresh process re-scans first: it may follow a crash
         self.rescans = 0
         self.stopping = False
+        self.delivery = Delivery(
+            box_id,
+            state=state,
+            publisher=publisher,
+            metrics=metrics,
+            exchange=options.exchange,
+            seen_keep=options.seen_keep,
+        )
+        # The lag counts from the last catch-up on record, or from this start.
+        self.caught_up_at: float | None = None
+        self._started = clock()
+        metrics.track_lag(box_id, lambda: self.caught_up_at or self._started, clock)
 
     def request_stop(self) -> None:
         """Finish the page in flight (publish, confirm, advance), then read nothing more."""
@@ -120,35 +96,59 @@ class DocflowFeed:
     async def run_pass(self, *, full_check: bool) -> PassReport:
         report = PassReport()
         cursor = await self.cursor()
+        widened = False  # the read is a tie that filled a page, read again with the largest page
         while not self.stopping:
-            events = await self._read(self._from_ticks(cursor), cursor.after)
-            if not events:
-                cursor = replace(cursor, checked_at=self._clock())
-                await self._state.set_cursor(SOURCE, self.box_id, cursor.dumps())
-                self._metrics.lag.labels(box=self.box_id).set(0)
+            limit = MAX_LIMIT if widened else self.options.page_limit
+            page = await self.read(self._from_ticks(cursor), after=cursor.after, limit=limit)
+            if page.empty:
+                await self._caught_up(cursor)
                 break
-            page = await self._publish(events, report, late=False)
-            cursor = await self._advance(cursor, page)
-            report.cleared += len(events)
+            more = page.full
+            if widened and page.keys and page.keys[-1] != page.keys[0]:
+                page, more = page.head(), True  # the whole tie, and only it
+            widened = False
+            resume = page.resume()
+            if resume is None and page.full and limit < MAX_LIMIT:
+                widened = True
+                continue
+            if resume is None and page.full:
+                self.delivery.tie_overflow(page)
+                resume = page.keys[-1]
+            await self.delivery.reject(page.rejects)
+            result = await self.delivery.publish(page.events, report, late=False)
+            if resume is None:  # nothing but malformed events without a key
+                await self._caught_up(cursor)
+                break
+            confirmed = ConfirmedPage.of(page, result, resume=resume, ticks=cursor.ticks)
+            cursor = await self._advance(cursor, confirmed)
+            self.delivery.rereads = page.rereads()
+            report.cleared += len(page.events) - len(self.delivery.rereads)
+            if not more:
+                await self._caught_up(cursor)
+                break
         if self._rescan_due() and not self.stopping:
-            await self._rescan(report)
+            await self._rescan(report, cursor)
         return report
 
     def _from_ticks(self, cursor: Cursor) -> int:
         if cursor.after is None:
             return cursor.ticks
-        # Reaching a little behind the cursor costs nothing (the IndexKey decides what comes
-        # next) and keeps events whose IndexKey sorts after the cursor but whose Timestamp
-        # lies before it inside the filter.
+        # Reaching behind the cursor costs nothing (the IndexKey decides what comes next) and
+        # keeps events whose IndexKey sorts after the cursor but whose Timestamp lies before it
+        # inside the filter.
         return max(0, cursor.ticks - round(self.options.rescan_window * TICKS_PER_SECOND))
 
     async def cursor(self) -> Cursor:
         raw = await self._state.cursor(SOURCE, self.box_id)
         if raw is not None:
-            return Cursor.loads(raw)
+            cursor = Cursor.loads(raw)
+            if self.caught_up_at is None and cursor.checked_at is not None:
+                self._note_caught_up(cursor.checked_at)
+            return cursor
         # The start point is stored at once, so a crash before the first page does not let it
         # drift forward with the clock.
-        start = Cursor(after=None, ticks=to_ticks(self._clock() - self.options.start_lookback))
+        ticks = to_ticks(self._clock() - self.options.start_lookback)
+        start = Cursor(after=None, ticks=ticks, origin=ticks)
         await self._state.set_cursor(SOURCE, self.box_id, start.dumps())
         log.info("diadoc box starts reading", extra={"box": self.box_id})
         return start
@@ -156,80 +156,62 @@ class DocflowFeed:
     async def _advance(self, cursor: Cursor, page: ConfirmedPage | None) -> Cursor:
         if page is None:
             raise NotConfirmed("a page was not confirmed in full; the cursor stays before it")
-        moved = Cursor(
-            after=page.last.index_key, ticks=page.last.ticks, checked_at=cursor.checked_at
-        )
+        moved = replace(cursor, after=page.after, ticks=page.ticks)
         await self._state.set_cursor(SOURCE, self.box_id, moved.dumps())
-        self._metrics.lag.labels(box=self.box_id).set(
-            max(0.0, self._clock() - to_unix(moved.ticks))
-        )
+        self._metrics.last_event.labels(box=self.box_id).set(to_unix(moved.ticks))
         return moved
 
-    # -- steps -------------------------------------------------------------------------
+    async def _caught_up(self, cursor: Cursor) -> None:
+        now = self._clock()
+        await self._state.set_cursor(SOURCE, self.box_id, replace(cursor, checked_at=now).dumps())
+        self._note_caught_up(now)
 
-    def _request(self, from_ticks: int, after: str | None) -> dict[str, Any]:
+    def _note_caught_up(self, at: float) -> None:
+        self.caught_up_at = at
+        self._metrics.caught_up.labels(box=self.box_id).set(at)
+
+    # -- reading (the re-scan reads the same way) ---------------------------------------
+
+    def request(
+        self,
+        from_ticks: int,
+        *,
+        after: str | None,
+        limit: int,
+        populate: bool,
+        to_ticks: int | None = None,
+    ) -> dict[str, Any]:
+        # No SortDirection: ascending is the API's default (TimeBasedFilter.proto).
+        high = timestamp(self._clock() + FUTURE_MARGIN) if to_ticks is None else {"Ticks": to_ticks}
         request: dict[str, Any] = {
-            "Filter": {
-                "FromTimestamp": {"Ticks": from_ticks},
-                "ToTimestamp": timestamp(self._clock() + FUTURE_MARGIN),
-                "SortDirection": "Ascending",
-            },
-            "Limit": self.options.page_limit,
-            "PopulateDocuments": self.options.populate_documents,
+            "Filter": {"FromTimestamp": {"Ticks": from_ticks}, "ToTimestamp": high},
+            "Limit": limit,
+            "PopulateDocuments": populate,
             "PopulatePreviousDocumentStates": False,
             "InjectEntityContent": False,  # documents can be megabytes; consumers fetch them
         }
         if after is not None:
             request["AfterIndexKey"] = after  # opaque: sent back exactly as received
+        if self.options.department_id is not None:
+            request["DepartmentId"] = self.options.department_id
         return request
 
-    async def _read(self, from_ticks: int, after: str | None) -> list[DocflowEvent]:
-        page = await self.client.docflow_events(self.box_id, self._request(from_ticks, after))
-        try:
-            return [parse_event(raw) for raw in page.events]
-        except MalformedEvent as exc:
-            log.error(
-                "diadoc page not published: malformed event",
-                extra={"box": self.box_id, "reason": str(exc)},
+    async def read(
+        self, from_ticks: int, *, after: str | None, limit: int, populate: bool | None = None
+    ) -> Page:
+        return await self.read_request(
+            self.request(
+                from_ticks,
+                after=after,
+                limit=limit,
+                populate=self.options.populate_documents if populate is None else populate,
             )
-            raise
+        )
 
-    async def _publish(
-        self, events: Sequence[DocflowEvent], report: PassReport, *, late: bool
-    ) -> ConfirmedPage | None:
-        """Publish the events not published before; record the confirmed ones as seen."""
-        unique = list({e.key: e for e in reversed(events)}.values())[::-1]
-        seen = await self._state.seen_filter(SOURCE, self.box_id, [e.key for e in unique])
-        fresh = [e for e in unique if e.key not in seen]
-        if len(fresh) < len(events) and not late:
-            self._metrics.duplicates.labels(box=self.box_id).inc(len(events) - len(fresh))
-        messages = [
-            to_message(e, box_id=self.box_id, exchange=self.options.exchange) for e in fresh
-        ]
-        result = await self._publisher.publish(messages)
-        if result.confirmed:
-            # Recorded even when part of the page failed: those are in RabbitMQ, and the retry
-            # of the page should not publish them again.
-            await self._state.seen_add(
-                SOURCE, self.box_id, [m.key for m in result.confirmed], self.options.seen_keep
-            )
-        report.published += len(result.confirmed)
-        self._metrics.events_published.labels(box=self.box_id).inc(len(result.confirmed))
-        if late and result.confirmed:
-            self._metrics.late_events.labels(box=self.box_id).inc(len(result.confirmed))
-        if fresh:
-            log.info(
-                "diadoc page published",
-                extra={
-                    "box": self.box_id,
-                    "events": len(events),
-                    "published": len(fresh),
-                    "confirmed": len(result.confirmed),
-                    "failed": len(result.failed),
-                    "rescan": late,
-                },
-            )
-        return ConfirmedPage.of(events, result)
+    async def read_request(self, request: dict[str, Any]) -> Page:
+        answer = await self.client.docflow_events(self.box_id, request)
+        self._metrics.last_answer.labels(box=self.box_id).set(self._clock())
+        return Page.of(answer.events, limit=int(request["Limit"]))
 
     # -- re-scan behind the cursor -------------------------------------------------------
 
@@ -238,22 +220,10 @@ class DocflowFeed:
             return False
         return time.monotonic() - self._last_rescan >= self.options.rescan_interval
 
-    async def _rescan(self, report: PassReport) -> None:
+    async def _rescan(self, report: PassReport, cursor: Cursor) -> None:
         started = time.monotonic()
-        from_ticks = to_ticks(self._clock() - self.options.rescan_window)
-        after: str | None = None
-        late = 0
-        scanned = 0
-        while not self.stopping:
-            events = await self._read(from_ticks, after)
-            if not events:
-                break
-            scanned += len(events)
-            before = report.published
-            if await self._publish(events, report, late=True) is None:
-                raise NotConfirmed("re-scan: a page was not confirmed in full")
-            late += report.published - before
-            after = events[-1].index_key
+        low = to_ticks(self._clock() - self.options.rescan_window)
+        scanned = await rescan(self, report, from_ticks=max(low, cursor.origin or 0))
         if self.stopping:
             return
         # Only a complete re-scan counts: a failed one runs again on the next pass.
@@ -266,9 +236,4 @@ class DocflowFeed:
                 "diadoc re-scan window holds more events than the seen-set keeps; "
                 "raise BRIDGE_DIADOC_SEEN_KEEP",
                 extra={"box": self.box_id, "events": scanned, "keep": self.options.seen_keep},
-            )
-        if late:
-            log.warning(
-                "diadoc late events published by the re-scan",
-                extra={"box": self.box_id, "events": late},
             )

@@ -10,10 +10,13 @@ from typing import Any
 
 import httpx
 
-from bridge.diadoc.client import DiadocAuth, DiadocClient
+from bridge.diadoc.auth import DiadocAuth
+from bridge.diadoc.client import DiadocClient
+from bridge.diadoc.cursor import Cursor
+from bridge.diadoc.delivery import SOURCE
 from bridge.diadoc.metrics import diadoc_metrics
 from bridge.diadoc.settings import DiadocSettings
-from bridge.diadoc.source import SOURCE, Cursor, DocflowFeed, FeedOptions
+from bridge.diadoc.source import DocflowFeed, FeedOptions
 from bridge.diadoc.ticks import to_unix
 from bridge.drain import Drainer, Source
 from bridge.metrics import Metrics
@@ -71,6 +74,7 @@ def options_of(settings: DiadocSettings) -> FeedOptions:
         start_lookback=settings.start_lookback,
         seen_keep=settings.seen_keep,
         populate_documents=settings.populate_documents,
+        department_id=settings.department_id,
     )
 
 
@@ -108,7 +112,12 @@ def diadoc_drainers(
         timeout=settings.request_timeout,
     )
     client = DiadocClient(
-        http, auth, api_url=settings.api_url, metrics=dmetrics, timeout=settings.request_timeout
+        http,
+        auth,
+        api_url=settings.api_url,
+        api_version=settings.api_version,
+        metrics=dmetrics,
+        timeout=settings.request_timeout,
     )
     options = options_of(settings)
     drainers: list[Drainer] = []
@@ -123,6 +132,7 @@ def diadoc_drainers(
 async def diadoc_status(settings: DiadocSettings, state: State) -> list[dict[str, Any]]:
     """Per box: where its cursor stands and how far behind the feed it is (state only)."""
     now = time.time()
+    parked = [r.key for r in await state.parked(SOURCE)]
     rows: list[dict[str, Any]] = []
     for box in settings.boxes:
         raw = await state.cursor(SOURCE, box)
@@ -140,6 +150,9 @@ async def diadoc_status(settings: DiadocSettings, state: State) -> list[dict[str
                 # Seconds since the feed was last read to its end with everything confirmed;
                 # None until that happened once.
                 "lag_s": None if checked is None else round(max(0.0, now - checked), 1),
+                "api_version": settings.api_version,
+                # Events set aside as malformed (``parked`` in the state file).
+                "malformed": parked.count(box),
             }
         )
     return rows

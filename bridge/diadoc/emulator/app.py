@@ -1,16 +1,22 @@
-"""The Diadoc emulator as an ASGI app: ``/V4/GetDocflowEvents``, ``/connect/token`` and the
-control API under ``/_emulator/`` (JSON in and out, the same style as the Bitrix24 emulator's).
+"""The Diadoc emulator as an ASGI app: ``/V{3,4,5}/GetDocflowEvents``, ``/connect/token`` and
+the control API under ``/_emulator/`` (JSON in and out, the same style as the Bitrix24
+emulator's). Like Kontur's API it answers protobuf unless asked ``Accept: application/json``.
 
 - ``GET /_emulator/app``: credentials, a fresh refresh token, URLs and boxes
-- ``POST /_emulator/boxes`` ``{"box"}``: adds a box
-- ``POST /_emulator/events`` ``{"box", "count", "document_type", "documents", "age_s"}``: adds
-  events; ``documents`` > 1 gives one change of a message, several documents, one EventId;
-  ``age_s`` files them late
+- ``POST /_emulator/boxes`` ``{"box", "department"?}``: adds a box; with ``department`` the
+  account sees only that department of it (other requests get 403)
+- ``POST /_emulator/events`` ``{"box", "count", "document_type", "documents", "age_s", "tied",
+  "department", "defect"}``: adds events; ``documents`` > 1 gives one change of a message,
+  several documents, one EventId; ``age_s`` files them late; ``tied`` gives them one IndexKey;
+  ``defect`` (``no_event_id``, ``bad_timestamp``, ``no_index_key``, ``not_an_object``) breaks
+  them
 - ``POST /_emulator/late`` ``{"box", "age_s"}``: one event with a timestamp in the past
 - ``POST /_emulator/duplicate`` ``{"box", "key"?}``: delivers an event (the newest) again
 - ``GET /_emulator/events?box=``: the box's events in IndexKey order
-- ``POST /_emulator/faults`` ``{"rules": [...], "expire_tokens", "latency_ms"}``: injects faults
-  (a rule: ``{"status", "count", "after", "error_code", "retry_after", "expire_tokens"}``)
+- ``POST /_emulator/faults`` ``{"rules": [...], "expire_tokens", "latency_ms", "sunset",
+  "deprecation"}``: injects faults (a rule: ``{"status", "count", "after", "error_code",
+  "retry_after", "expire_tokens"}``); ``sunset``/``deprecation`` map a version number to the
+  header value its answers carry
 - ``GET /_emulator/counters`` · ``GET /_emulator/requests``: what was asked and answered
 - ``POST /_emulator/reset``: events, counters and faults cleared
 """
@@ -27,7 +33,9 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 
-from bridge.diadoc.emulator.model import Answer, DiadocEmulator, FaultRule
+from bridge.diadoc.emulator.events import HEAD_DEPARTMENT
+from bridge.diadoc.emulator.faults import Answer, FaultRule
+from bridge.diadoc.emulator.model import DiadocEmulator
 
 
 class BadRequest(Exception):
@@ -40,6 +48,13 @@ def _model(request: Request) -> DiadocEmulator:
 
 
 def _reply(answer: Answer) -> Response:
+    if answer.raw is not None:
+        return Response(
+            answer.raw,
+            status_code=answer.status,
+            headers=dict(answer.headers),
+            media_type=answer.media_type,
+        )
     return JSONResponse(answer.body, status_code=answer.status, headers=dict(answer.headers))
 
 
@@ -76,7 +91,12 @@ async def docflow_events(request: Request) -> Response:
     except ValueError:
         body = None
     answer = model.docflow_events(
-        request.query_params.get("boxId"), request.headers.get("authorization", ""), body
+        request.query_params.get("boxId"),
+        request.headers.get("authorization", ""),
+        body,
+        version=int(request.path_params["version"]),
+        accept=request.headers.get("accept", ""),
+        content_type=request.headers.get("content-type", ""),
     )
     return _reply(answer)
 
@@ -110,10 +130,12 @@ async def app_info(request: Request) -> JSONResponse:
 
 async def add_box(request: Request) -> JSONResponse:
     try:
-        box = str((await _json(request))["box"])
+        body = await _json(request)
+        box = str(body["box"])
     except (BadRequest, KeyError) as exc:
         return _bad(f"'box' is required: {exc}")
-    _model(request).add_box(box)
+    department = body.get("department")
+    _model(request).add_box(box, department=None if department is None else str(department))
     return JSONResponse({"boxes": _model(request).boxes})
 
 
@@ -126,6 +148,9 @@ async def add_events(request: Request) -> JSONResponse:
             document_type=str(body.get("document_type", "UniversalTransferDocument")),
             documents=max(1, int(body.get("documents", 1))),
             age_s=float(body.get("age_s", 0)),
+            tied=bool(body.get("tied", False)),
+            department=str(body.get("department", HEAD_DEPARTMENT)),
+            defect=None if body.get("defect") is None else str(body["defect"]),
         )
     except (BadRequest, KeyError, TypeError, ValueError) as exc:
         return _bad(f"bad events request: {exc!r}")
@@ -170,6 +195,9 @@ async def faults(request: Request) -> JSONResponse:
         rules = [FaultRule.from_json(r) for r in body.get("rules") or []]
         if "latency_ms" in body:
             model.latency_ms = max(0.0, float(body["latency_ms"]))
+        for name in ("sunset", "deprecation"):
+            notices = {int(v): str(text) for v, text in (body.get(name) or {}).items()}
+            getattr(model, name).update(notices)
     except (BadRequest, AttributeError, TypeError, ValueError) as exc:
         return _bad(f"bad faults: {exc!r}")
     model.add_faults(rules)
@@ -209,7 +237,7 @@ def create_diadoc_app(model: DiadocEmulator) -> Starlette:
     """The emulator's ASGI app; ``app.state.diadoc`` is its :class:`DiadocEmulator`."""
     app = Starlette(
         routes=[
-            Route("/V4/GetDocflowEvents", docflow_events, methods=["POST"]),
+            Route("/V{version:int}/GetDocflowEvents", docflow_events, methods=["POST"]),
             Route("/connect/token", token, methods=["POST"]),
             Mount("/_emulator", routes=control_routes),
         ]
