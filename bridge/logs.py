@@ -9,10 +9,23 @@ import time
 from typing import Any
 
 # Attributes every LogRecord has; anything else came in through ``extra=`` and is a field.
+# uvicorn adds an ANSI-coloured copy of some messages as ``color_message``: terminal escapes
+# have no place in a log pipeline, and the plain message is already there.
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
     "message",
     "asctime",
+    "color_message",
 }
+
+
+def _fields(record: logging.LogRecord) -> dict[str, Any]:
+    return {k: v for k, v in vars(record).items() if k not in _STANDARD and not k.startswith("_")}
+
+
+def _error(record: logging.LogRecord) -> str | None:
+    if record.exc_info and record.exc_info[0] is not None:
+        return f"{record.exc_info[0].__name__}: {record.exc_info[1]}"
+    return None
 
 
 class JsonFormatter(logging.Formatter):
@@ -24,27 +37,30 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        for key, value in vars(record).items():
-            if key not in _STANDARD and not key.startswith("_"):
-                data[key] = value
-        if record.exc_info and record.exc_info[0] is not None:
-            data["error"] = f"{record.exc_info[0].__name__}: {record.exc_info[1]}"
+        data.update(_fields(record))
+        error = _error(record)
+        if error is not None:
+            # "error" for a quick look and grouping, "exception" for the stack trace: the line
+            # stays one JSON object, the trace is a field of it.
+            data["error"] = error
+            data["exception"] = self.formatException(record.exc_info)  # type: ignore[arg-type]
+        if record.stack_info:
+            data["stack"] = self.formatStack(record.stack_info)
         return json.dumps(data, default=str, ensure_ascii=False)
 
 
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        fields = " ".join(
-            f"{k}={v}"
-            for k, v in vars(record).items()
-            if k not in _STANDARD and not k.startswith("_")
-        )
+        fields = " ".join(f"{k}={v}" for k, v in _fields(record).items())
         stamp = time.strftime("%H:%M:%S", time.localtime(record.created))
         line = f"{stamp} {record.levelname:<7} {record.name}: {record.getMessage()}"
         if fields:
             line += f"  {fields}"
-        if record.exc_info and record.exc_info[0] is not None:
-            line += f"  error={record.exc_info[0].__name__}: {record.exc_info[1]}"
+        error = _error(record)
+        if error is not None:
+            line += f"  error={error}\n" + self.formatException(record.exc_info)  # type: ignore[arg-type]
+        if record.stack_info:
+            line += "\n" + self.formatStack(record.stack_info)
         return line
 
 

@@ -132,3 +132,53 @@ async def test_no_secret_reaches_the_logs_or_an_error_body(
         assert secret not in output, "a secret reached the log"
         for body in bodies:
             assert secret not in body, "a secret reached an answer"
+
+
+def test_json_line_keeps_the_stack_trace(captured: io.StringIO) -> None:
+    def fail_deep() -> None:
+        raise ValueError("state file is locked")
+
+    try:
+        fail_deep()
+    except ValueError:
+        logging.getLogger("bridge.test").exception("pass failed", extra={"portal": "acme"})
+    (line,) = captured.getvalue().splitlines()
+    record = json.loads(line)
+    assert record["error"] == "ValueError: state file is locked"
+    trace = record["exception"]
+    assert trace.startswith("Traceback (most recent call last):")
+    assert "in fail_deep" in trace  # the frame that raised, not only the message
+    assert trace.rstrip().endswith("ValueError: state file is locked")
+
+
+def test_text_format_keeps_the_stack_trace_too(captured: io.StringIO) -> None:
+    logs.configure("INFO", "text", captured)
+    try:
+        {}["missing"]
+    except KeyError:
+        logging.getLogger("bridge.test").exception("lookup failed")
+    text = captured.getvalue()
+    assert text.splitlines()[0].endswith("error=KeyError: 'missing'")
+    assert "Traceback (most recent call last):" in text
+
+
+def test_uvicorn_color_message_is_dropped(captured: io.StringIO) -> None:
+    # uvicorn passes an ANSI-coloured copy of some messages as extra={"color_message": ...}
+    # (uvicorn/server.py, uvicorn/lifespan/on.py); a JSON log has no use for terminal escapes.
+    logging.getLogger("uvicorn.error").info(
+        "Started server process [%d]",
+        42,
+        extra={"color_message": "Started server process [\x1b[36m%d\x1b[0m]"},
+    )
+    (line,) = captured.getvalue().splitlines()
+    record = json.loads(line)
+    assert record["msg"] == "Started server process [42]"
+    assert "color_message" not in record
+    assert "\x1b" not in line
+    assert "\\u001b" not in line
+
+    logs.configure("INFO", "text", captured)
+    logging.getLogger("uvicorn.error").info(
+        "Waiting for application startup.", extra={"color_message": "\x1b[1mWaiting\x1b[0m"}
+    )
+    assert "color_message" not in captured.getvalue()
