@@ -22,44 +22,124 @@ log = logging.getLogger("bridge")
 EXIT_CONFIG = 2
 
 
+# Every subcommand: (one-line help, description, example lines). `--help` shows all three.
+COMMANDS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "serve": (
+        "HTTP server and drainer (the container's default)",
+        "Answer Bitrix24 notifications on BRIDGE_HTTP_HOST:BRIDGE_HTTP_PORT (/bitrix24/events, "
+        "/livez, /readyz, /metrics) and drain every known portal into RabbitMQ until SIGTERM; "
+        "the page in flight is finished within 20 seconds.",
+        (
+            "BRIDGE_CLIENT_ID=local.abc BRIDGE_CLIENT_SECRET=... bitrix24-bridge serve",
+            "BRIDGE_LOG_FORMAT=text bitrix24-bridge serve",
+        ),
+    ),
+    "drain": (
+        "drain every known portal until empty, then exit (cron mode)",
+        "Drain every known portal (and Diadoc box) once until its queue is empty, then exit. "
+        "Exit code 0 only if nothing was left behind because of an error.",
+        ("bitrix24-bridge drain", "bitrix24-bridge drain || echo 'events left behind'"),
+    ),
+    "status": (
+        "portals, token state, in-flight reservations, queue depth",
+        "Show every known portal: its token state, the process_ids in flight, the upstream "
+        "queue depth and, when the portal refuses the bridge, why its drain is stopped. Never "
+        "refreshes a token.",
+        ("bitrix24-bridge status", "bitrix24-bridge status --json --offline"),
+    ),
+    "bind": (
+        "make sure the offline bindings and the ONOFFLINEEVENT handler exist",
+        "Bind every event of BRIDGE_EVENTS as an offline event and register the ONOFFLINEEVENT "
+        "handler {BRIDGE_PUBLIC_URL}/bitrix24/events on every known portal. Safe to repeat.",
+        (
+            "BRIDGE_EVENTS=ONCRMLEADADD,ONCRMDEALUPDATE bitrix24-bridge bind",
+            "BRIDGE_PUBLIC_URL=https://b24-bridge.example.com bitrix24-bridge bind",
+        ),
+    ),
+    "backup": (
+        "copy the state file consistently, while serve runs",
+        "Copy the state file (BRIDGE_STATE_PATH) to PATH with SQLite's online backup API: a "
+        "consistent snapshot even while serve writes. The copy is owner-only (it holds "
+        "administrator tokens) and checked before it takes PATH's name.",
+        (
+            "bitrix24-bridge backup /tmp/state-backup.sqlite3",
+            "bitrix24-bridge backup --force /backups/bridge.sqlite3",
+        ),
+    ),
+    "parked": (
+        "list events parked after the broker kept refusing them; --replay drains them again",
+        "List the events parked with event.offline.error after BRIDGE_POISON_ATTEMPTS failed "
+        "publishes (they stay in the portal, readable with get error=1). --replay drains them "
+        "again; while serve runs, the request is handed to it.",
+        (
+            "bitrix24-bridge parked",
+            "bitrix24-bridge parked --json",
+            "bitrix24-bridge parked --replay",
+        ),
+    ),
+    "asyncapi": (
+        "print the AsyncAPI 3.0 document of the messages the bridge publishes",
+        "Print the AsyncAPI 3.0 document describing the exchanges, routing keys, headers and "
+        "bodies of the messages this configuration publishes (BRIDGE_EVENTS, templates, Diadoc).",
+        ("bitrix24-bridge asyncapi > asyncapi.yaml", "bitrix24-bridge asyncapi --format json"),
+    ),
+    "emulator": (
+        "run the Bitrix24 portal emulator (see 'emulator --help')",
+        "",
+        (),
+    ),
+    "demo": (
+        "emulator + bridge + RabbitMQ consumer, showing events flow",
+        "",
+        (),
+    ),
+}
+# These two have parsers of their own (bridge.emulator.cli, bridge.demo).
+OWN_PARSERS = ("emulator", "demo")
+
+
+def examples(*lines: str) -> str:
+    """An argparse epilog listing example command lines."""
+    return "examples:\n" + "\n".join(f"  {line}" for line in lines)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bitrix24-bridge",
         description="Moves Bitrix24 offline events into RabbitMQ. Configured by BRIDGE_*.",
+        epilog=examples("bitrix24-bridge serve", "bitrix24-bridge COMMAND --help"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sub.add_parser("serve", help="HTTP server and drainer (the container's default)")
-    sub.add_parser("drain", help="drain every known portal until empty, then exit (cron mode)")
-    status = sub.add_parser(
-        "status", help="portals, token state, in-flight reservations, queue depth"
-    )
+    commands = {}
+    for name, (summary, description, lines) in COMMANDS.items():
+        if name in OWN_PARSERS:
+            sub.add_parser(name, help=summary, add_help=False)
+            continue
+        commands[name] = sub.add_parser(
+            name,
+            help=summary,
+            description=description,
+            epilog=examples(*lines),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    status = commands["status"]
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.add_argument(
         "--offline", action="store_true", help="do not ask the portals for their queue depth"
     )
-    sub.add_parser(
-        "bind", help="make sure the offline bindings and the ONOFFLINEEVENT handler exist"
-    )
-    parked = sub.add_parser(
-        "parked",
-        help="list events parked after the broker kept refusing them; --replay drains them again",
-    )
+    backup = commands["backup"]
+    backup.add_argument("path", metavar="PATH", help="where to write the copy")
+    backup.add_argument("--force", action="store_true", help="replace PATH if it exists")
+    parked = commands["parked"]
     parked.add_argument("--json", action="store_true", help="machine-readable output")
     parked.add_argument(
         "--replay",
         action="store_true",
         help="drain parked events again (handed to the serving process when one runs)",
     )
-    sub.add_parser(
-        "emulator", help="run the Bitrix24 portal emulator (see 'emulator --help')", add_help=False
-    )
-    sub.add_parser(
-        "demo", help="emulator + bridge + RabbitMQ consumer, showing events flow", add_help=False
-    )
-    asyncapi = sub.add_parser(
-        "asyncapi", help="print the AsyncAPI 3.0 document of the messages the bridge publishes"
-    )
+    asyncapi = commands["asyncapi"]
     asyncapi.add_argument("--format", choices=("yaml", "json"), default="yaml")
     return parser
 
@@ -95,6 +175,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             sys.stdout.write(render(build(settings, load_diadoc_layout()), args.format))
             return 0
+        if args.command == "backup":
+            return _backup(settings, args.path, force=args.force)
     except BridgeError as exc:
         print(f"bitrix24-bridge: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -250,4 +332,12 @@ async def _bind(settings: Settings) -> int:
         print(
             f"{domain}: {'bound ' + ', '.join(bound) if bound else 'all bindings already present'}"
         )
+    return 0
+
+
+def _backup(settings: Settings, path: str, *, force: bool) -> int:
+    from bridge.backup import backup
+
+    size = backup(settings.state_path, path, force=force)
+    print(f"state {settings.state_path} backed up to {path} ({size} bytes)")
     return 0

@@ -55,6 +55,12 @@ def _parser() -> argparse.ArgumentParser:
         prog="bitrix24-bridge demo",
         description="Run the Bitrix24 emulator, the bridge and a RabbitMQ subscriber together, "
         "generate CRM events and show them arrive. Ctrl-C stops it.",
+        epilog=(
+            "examples:\n"
+            "  bitrix24-bridge demo\n"
+            "  bitrix24-bridge demo --rate 20 --duration 60 --quiet"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--rate", type=float, default=5.0, help="events per second (default 5)")
     parser.add_argument("--events", default=DEFAULT_EVENTS, help="comma list of event names")

@@ -16,6 +16,10 @@ from bridge.emulator.config import EmulatorConfig
 from bridge.emulator.server import EmulatorServer
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown beside each option; the examples kept one per line."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bitrix24-bridge emulator",
@@ -24,7 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
             "OAuth at /oauth/token/, notifications POSTed to --handler, and a control API under "
             "/_emulator/ (add events, read the queue, inject faults)."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog=(
+            "examples:\n"
+            "  bitrix24-bridge emulator --port 8090 --handler http://127.0.0.1:8080/bitrix24/events\n"
+            "  bitrix24-bridge emulator --port 8090 --auto-bind --rate-limit 5 --rate-burst 250"
+        ),
+        formatter_class=_HelpFormatter,
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=8081, help="port to listen on (0 = any)")
