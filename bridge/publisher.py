@@ -38,6 +38,10 @@ log = logging.getLogger(__name__)
 FailureReason = Literal["nack", "returned", "timeout", "connection", "missing_exchange"]
 
 CONNECT_TIMEOUT = 10.0
+# AMQP heartbeat in seconds, unless the URL sets one (?heartbeat=N). aiormq sends one every
+# HEARTBEAT / 2 s and closes a connection that received nothing for (HEARTBEAT + 1) * 3 s, so a
+# silent broker (a partition, not a closed socket) is noticed within about 20 s.
+HEARTBEAT = 5
 RECONNECT_BASE_DELAY = 0.25
 RECONNECT_MAX_DELAY = 30.0
 PERSISTENT = 2
@@ -89,6 +93,13 @@ def redact_url(url: str) -> str:
     if parsed.password:
         parsed = parsed.with_password("***")
     return str(parsed)
+
+
+def with_heartbeat(url: str) -> str:
+    parsed = URL(url)
+    if "heartbeat" in parsed.query:
+        return url
+    return str(parsed.update_query(heartbeat=HEARTBEAT))
 
 
 class Publisher:
@@ -458,7 +469,7 @@ class Publisher:
         connection = self._connection
         if connection is None or connection.is_closed:
             connection = await aio_pika.connect(
-                self._url,
+                with_heartbeat(self._url),
                 timeout=CONNECT_TIMEOUT,
                 client_properties={"connection_name": self._app_id},
             )

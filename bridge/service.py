@@ -392,10 +392,17 @@ class Service:
         return out
 
     def readiness(self) -> str | None:
+        """Why this process cannot take notifications and publish now; None when it can.
+
+        Only the broker connection (open, and heard from: the AMQP heartbeat closes a silent
+        one) and the state file count. Portals do not: none installed yet, or one stopped by a
+        configuration error, is reported by ``portal_health()`` (the ``/readyz`` body), ``/metrics``
+        and ``status``.
+        """
         if self.closing:
             return "shutting down"
         if not self.publisher.connected:
-            return "broker connection is not open"
+            return self.publisher.problem or "broker connection is not open"
         problem = self.publisher.problem
         if problem:
             return problem

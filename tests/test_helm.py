@@ -308,7 +308,8 @@ def test_memory_is_limited_and_shutdown_has_time(chart: helm.Chart) -> None:
     objects = render(chart)
     resources = container(objects)["resources"]
     assert resources["limits"]["memory"] == "256Mi"
-    assert resources["requests"] == {"cpu": "50m", "memory": "64Mi"}
+    # Measured 63-85 MiB while draining: the request covers it.
+    assert resources["requests"] == {"cpu": "50m", "memory": "128Mi"}
     # The bridge finishes the in-flight page within ~20 s of SIGTERM.
     grace = one(objects, "Deployment")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     assert 20 < grace <= 60
@@ -614,8 +615,8 @@ def test_service_and_ingress_publish_only_the_handler(
     assert service["spec"]["ports"] == [
         {"name": "http", "port": 8080, "targetPort": "http", "protocol": "TCP"}
     ]
-    # The install notification must reach a pod that is not ready yet (no portal).
-    assert service["spec"]["publishNotReadyAddresses"] is True
+    # Readiness no longer waits for a portal, so not-ready addresses stay unpublished.
+    assert service["spec"]["publishNotReadyAddresses"] is False
     ingress = one(objects, "Ingress")
     assert ingress["spec"]["ingressClassName"] == "nginx"
     paths = [p["path"] for rule in ingress["spec"]["rules"] for p in rule["http"]["paths"]]
@@ -661,7 +662,7 @@ def test_notes_name_the_handler_url_and_the_readiness_check(
     assert "/readyz" in text
     assert "WARNING" not in text
     derived = notes(chart, {"ingress": {"enabled": True, "hosts": ["hook.example.org"]}})
-    assert "http://hook.example.org/bitrix24/events" in derived
+    assert "https://hook.example.org/bitrix24/events" in derived
     assert "<public URL of the bridge>/bitrix24/events" in notes(chart)
 
 
@@ -794,3 +795,93 @@ def test_service_monitor_scrapes_metrics_on_the_http_port(
     selector = monitor["spec"]["selector"]["matchLabels"]
     service_labels = one(objects, "Service")["metadata"]["labels"]
     assert selector.items() <= service_labels.items()
+
+
+# --- values an operator sets ----------------------------------------------------------------
+
+
+def deployment_is_valid(objects: Manifests) -> None:
+    doc = one(objects, "Deployment")
+    for kube_version in KUBE_VERSIONS:
+        kubernetes_validate.validate(doc, kube_version, strict=True)
+
+
+@pytest.mark.parametrize("tls", [None, [], [{"secretName": "other", "hosts": ["other.example"]}]])
+def test_handler_url_derived_from_the_ingress_is_https(
+    chart: helm.Chart, tls: list[dict[str, Any]] | None
+) -> None:
+    # No tls block (TLS ends at a load balancer in front) must not turn the handler URL
+    # Bitrix24 sends tokens to into plain http.
+    ingress: dict[str, Any] = {"enabled": True, "hosts": ["hook.example.org"]}
+    if tls is not None:
+        ingress["tls"] = tls
+    objects = render(chart, {"ingress": ingress})
+    assert env_config(objects)["BRIDGE_PUBLIC_URL"] == "https://hook.example.org"
+    # An explicit publicUrl is the way to choose anything else.
+    explicit = render(chart, {"ingress": ingress, "config": {"publicUrl": "http://10.0.0.5:8080/"}})
+    assert env_config(explicit)["BRIDGE_PUBLIC_URL"] == "http://10.0.0.5:8080"
+
+
+def test_ingress_hosts_as_names_or_host_objects(chart: helm.Chart) -> None:
+    for hosts in (["hook.example.org"], [{"host": "hook.example.org"}]):
+        objects = render(chart, {"ingress": {"enabled": True, "hosts": hosts}})
+        assert one(objects, "Ingress")["spec"]["rules"][0]["host"] == "hook.example.org"
+        assert env_config(objects)["BRIDGE_PUBLIC_URL"] == "https://hook.example.org"
+    with pytest.raises(helm.HelmValuesError, match="schema"):
+        render_raw(chart, {"ingress": {"hosts": [{"name": "hook.example.org"}]}})
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "bridge_amqp_url",
+        "Bridge_Client_Secret",
+        "BRIDGE_STATE_KEY",
+        "bridge_refresh_token",
+        "bridge_application_token",
+        "bridge_diadoc_client_secret",
+        "Bridge_Diadoc_Refresh_Token",
+    ],
+)
+def test_extra_env_refuses_secret_names_in_any_case(chart: helm.Chart, name: str) -> None:
+    value = "amqp://bridge:pa55word@rabbitmq:5672/"
+    with pytest.raises((helm.HelmRenderError, helm.HelmValuesError)) as refused:
+        render_raw(chart, {"config": {"extraEnv": {name: value}}})
+    assert name in str(refused.value)
+    assert "pa55word" not in str(refused.value)  # the error names the key, never the value
+
+
+def test_extra_env_takes_other_names(chart: helm.Chart) -> None:
+    objects = render(chart, {"config": {"extraEnv": {"bridge_page_size": "10", "TZ": "UTC"}}})
+    assert env_config(objects)["bridge_page_size"] == "10"
+
+
+def test_global_image_registry_prefixes_the_repository(chart: helm.Chart) -> None:
+    appversion = chart.metadata["appVersion"]
+    values = {"global": {"imageRegistry": "mirror.example:5000/"}}
+    assert container(render(chart, values))["image"] == (
+        f"mirror.example:5000/bitrix24-bridge:{appversion}"
+    )
+    digest = "sha256:" + "b" * 64
+    pinned = {**values, "image": {"repository": "team/bridge", "digest": digest}}
+    assert container(render(chart, pinned))["image"] == f"mirror.example:5000/team/bridge@{digest}"
+    with pytest.raises(helm.HelmValuesError, match="schema"):
+        render_raw(chart, {"global": {"imageRegistry": 5}})
+
+
+def test_security_contexts_can_be_switched_off(chart: helm.Chart) -> None:
+    on = render(chart)
+    pod = one(on, "Deployment")["spec"]["template"]["spec"]
+    assert "enabled" not in pod["securityContext"]
+    assert "enabled" not in container(on)["securityContext"]
+
+    off = render(
+        chart, {"podSecurityContext": {"enabled": False}, "securityContext": {"enabled": False}}
+    )
+    deployment_is_valid(off)
+    pod = one(off, "Deployment")["spec"]["template"]["spec"]
+    assert "securityContext" not in pod
+    assert "securityContext" not in container(off)
+    only_pod_off = render(chart, {"podSecurityContext": {"enabled": False}})
+    deployment_is_valid(only_pod_off)
+    assert container(only_pod_off)["securityContext"]["readOnlyRootFilesystem"] is True

@@ -46,11 +46,34 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 {{- end }}
 
+{{/* global.imageRegistry (a mirror, an air-gapped registry) goes in front of the repository. */}}
 {{- define "bitrix24-bridge.image" -}}
+{{- $repository := .Values.image.repository }}
+{{- with (.Values.global).imageRegistry }}
+{{- $repository = printf "%s/%s" (trimSuffix "/" .) $repository }}
+{{- end }}
 {{- if .Values.image.digest }}
-{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- printf "%s@%s" $repository .Values.image.digest }}
 {{- else }}
-{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- printf "%s:%s" $repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+{{- end }}
+
+{{/* Ingress host names as a JSON list; each entry is a name or {host: name}. */}}
+{{- define "bitrix24-bridge.ingressHosts" -}}
+{{- $hosts := list }}
+{{- range .Values.ingress.hosts }}
+{{- if kindIs "map" . }}{{ $hosts = append $hosts .host }}{{ else }}{{ $hosts = append $hosts . }}{{ end }}
+{{- end }}
+{{- toJson $hosts }}
+{{- end }}
+
+{{/*
+A securityContext value without the chart's own "enabled" switch; empty when enabled is false.
+*/}}
+{{- define "bitrix24-bridge.securityContext" -}}
+{{- if ne (toString .enabled) "false" }}
+{{- toYaml (omit . "enabled") }}
 {{- end }}
 {{- end }}
 
@@ -68,20 +91,26 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
 {{/*
-The bridge's external base URL: config.publicUrl, else the first ingress host (https when a TLS
-entry names it). Empty when neither is known.
+The bridge's external base URL: config.publicUrl, else https:// and the first ingress host.
+Always https when derived: the ingress may have no `tls` block because TLS ends in front of it,
+and Bitrix24 must never be told to send tokens over plain HTTP by accident (set
+config.publicUrl to choose http). Empty when neither is known.
 */}}
 {{- define "bitrix24-bridge.publicUrl" -}}
+{{- $hosts := include "bitrix24-bridge.ingressHosts" . | fromJsonArray }}
 {{- if .Values.config.publicUrl }}
 {{- trimSuffix "/" .Values.config.publicUrl }}
-{{- else if and .Values.ingress.enabled .Values.ingress.hosts }}
-{{- $host := first .Values.ingress.hosts }}
-{{- $scheme := "http" }}
-{{- range .Values.ingress.tls }}
-{{- if has $host .hosts }}{{ $scheme = "https" }}{{ end }}
+{{- else if and .Values.ingress.enabled $hosts }}
+{{- printf "https://%s" (first $hosts) }}
 {{- end }}
-{{- printf "%s://%s" $scheme $host }}
 {{- end }}
+
+{{/*
+Every variable that holds a secret (or that the chart sets from the Secret). None may come
+through config.extraEnv, in any letter case: the bridge reads variable names case-insensitively.
+*/}}
+{{- define "bitrix24-bridge.secretVarNames" -}}
+{{- toJson (list "BRIDGE_CLIENT_ID" "BRIDGE_CLIENT_SECRET" "BRIDGE_AMQP_URL" "BRIDGE_REFRESH_TOKEN" "BRIDGE_APPLICATION_TOKEN" "BRIDGE_STATE_KEY" "BRIDGE_DIADOC_CLIENT_SECRET" "BRIDGE_DIADOC_REFRESH_TOKEN") }}
 {{- end }}
 
 {{/*
