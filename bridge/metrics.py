@@ -67,9 +67,13 @@ class Metrics:
             ["portal"],
             registry=r,
         )
-        self.oldest_age = Gauge(
-            PREFIX + "oldest_pending_event_age_seconds",
-            "Age of the oldest event waiting in the portal's queue",
+        # A timestamp, not an age: an age set on each poll freezes at its last value when the
+        # queue empties or polling stops, so an alert on it never clears (or never fires).
+        # ``time() - timestamp`` keeps growing while the event waits; the series is removed
+        # while the queue is empty.
+        self.oldest_timestamp = Gauge(
+            PREFIX + "oldest_pending_event_timestamp_seconds",
+            "Unix time of the oldest event waiting in the portal's queue; absent while empty",
             ["portal"],
             registry=r,
         )
@@ -79,6 +83,12 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+        # Counters an alert takes increase() of start at 0: a series born at 1 has no increase,
+        # so the first failure would go unseen.
+        for outcome in ("ok", "failed"):
+            self.token_refreshes.labels(outcome=outcome)
+        for reason in ("nack", "returned", "timeout", "connection", "missing_exchange"):
+            self.publish_failures.labels(reason=reason)
         self.notifications = Counter(
             PREFIX + "notifications_total",
             "Notifications received by event and outcome",
@@ -116,6 +126,13 @@ class Metrics:
             ["method"],
             registry=r,
         )
+
+    def add_portal(self, portal: str) -> None:
+        """A portal's series, at 0 from the start (see the counters above)."""
+        for outcome in ("ok", "failed", "stopped"):
+            self.drain_passes.labels(portal=portal, outcome=outcome)
+        self.portal_stopped.labels(portal=portal).set(0)
+        self.binding_failed.labels(portal=portal).set(0)
 
     def count_notification(self, event: str, outcome: str) -> None:
         """``notifications_total{event, outcome}`` + 1; the caller keeps the labels bounded."""

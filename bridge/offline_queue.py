@@ -562,9 +562,12 @@ class OfflineQueue:
             now = answer.time.get("start")
             reference = float(now) if isinstance(now, int | float) else time.time()
             age = max(0.0, reference - oldest)
-            self._metrics.oldest_age.labels(portal=self.name).set(age)
+            # The portal's clock measured the age; this process's clock anchors it, so a skew
+            # between the two does not shift the alert.
+            self._metrics.oldest_timestamp.labels(portal=self.name).set(time.time() - age)
         elif depth == 0:
-            self._metrics.oldest_age.labels(portal=self.name).set(0)
+            with contextlib.suppress(KeyError):  # already absent
+                self._metrics.oldest_timestamp.remove(self.name)
         return depth, age
 
 

@@ -200,8 +200,7 @@ class Service:
         drainer.on_stop = lambda reason: self._record_health(member_id, stop_reason=reason or "")
         session = PortalSession(client=client, queue=queue, drainer=drainer)
         self.sessions[portal.member_id] = session
-        self.metrics.portal_stopped.labels(portal=portal.domain).set(0)
-        self.metrics.binding_failed.labels(portal=portal.domain).set(0)
+        self.metrics.add_portal(portal.domain)
         return session
 
     def _record_health(

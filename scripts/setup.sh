@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Prepares a Debian/Ubuntu machine for the bridge: Python 3.11+ with venv, the project in
-# ./.venv, and a running RabbitMQ on 127.0.0.1:5672. Safe to run again; fails loudly.
+# ./.venv, promtool, and a running RabbitMQ on 127.0.0.1:5672. Safe to run again; fails loudly.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -45,6 +45,20 @@ fi
 if [ "$extra" = dev ] && ! command -v php >/dev/null; then
     say "installing php-cli"
     apt_install php-cli
+fi
+
+# promtool (Debian's prometheus package) unit-tests the chart's alert rules. Only the binary is
+# taken, into .venv/bin: installing the package would also set up a Prometheus server.
+if ! command -v promtool >/dev/null && [ ! -x .venv/bin/promtool ]; then
+    command -v apt-get >/dev/null || die "apt-get not found; install promtool by hand"
+    say "installing promtool into .venv/bin (from Debian's prometheus package)"
+    if [ -z "$apt_updated" ]; then $SUDO apt-get update -qq; apt_updated=1; fi
+    debs="$(mktemp -d)"
+    (cd "$debs" && apt-get download -qq prometheus >/dev/null 2>&1) \
+        || die "cannot download Debian's prometheus package (for promtool)"
+    dpkg-deb -x "$debs"/prometheus_*.deb "$debs/root"
+    install -m 0755 "$debs/root/usr/bin/promtool" .venv/bin/promtool
+    rm -rf "$debs"
 fi
 
 broker_up() {

@@ -46,7 +46,7 @@ KNOWN_METRICS = {
     "bitrix24_bridge_events_per_request",
     "bitrix24_bridge_inflight_reservations",
     "bitrix24_bridge_upstream_queue_depth",
-    "bitrix24_bridge_oldest_pending_event_age_seconds",
+    "bitrix24_bridge_oldest_pending_event_timestamp_seconds",
     "bitrix24_bridge_token_refreshes_total",
     "bitrix24_bridge_notifications_total",
     "bitrix24_bridge_broker_connected",
@@ -737,8 +737,11 @@ def test_alert_rules_cover_the_failure_modes(
     by_metric = {r["alert"]: metric_names(r["expr"]) for r in rules}
     assert set().union(*by_metric.values()) <= KNOWN_METRICS | DIADOC_METRICS
     assert by_metric == {
+        "Bitrix24BridgeDown": set(),  # Prometheus's own `up`
         "Bitrix24BridgeBacklogGrowing": {"bitrix24_bridge_upstream_queue_depth"},
-        "Bitrix24BridgeOldestEventTooOld": {"bitrix24_bridge_oldest_pending_event_age_seconds"},
+        "Bitrix24BridgeOldestEventTooOld": {
+            "bitrix24_bridge_oldest_pending_event_timestamp_seconds"
+        },
         "Bitrix24BridgeDrainFailing": {"bitrix24_bridge_drain_passes_total"},
         "Bitrix24BridgeTokenRefreshFailing": {"bitrix24_bridge_token_refreshes_total"},
         "Bitrix24BridgeBrokerDisconnected": {"bitrix24_bridge_broker_connected"},
