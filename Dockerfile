@@ -12,14 +12,23 @@ ENV PIP_NO_CACHE_DIR=1 \
 WORKDIR /src
 RUN python -m venv /opt/venv
 
+# The dependencies exactly as locked (scripts/lock.sh), every file checked against its hash:
+# a rebuild cannot pick up another release, or a tampered one. Their own layer, so a code
+# change does not reinstall them. Every one ships a manylinux wheel: no compiler, no apt.
+COPY requirements.txt ./
+RUN /opt/venv/bin/pip install --no-cache-dir --require-hashes --only-binary :all: \
+    -r requirements.txt
+
 # Only what the wheel is built from, so edits to tests or the chart don't invalidate this layer.
 COPY pyproject.toml README.md ./
 COPY bridge ./bridge
 
-# Every dependency ships a manylinux wheel, so no compiler (and no apt) is needed. pip compiles
-# the bytecode here, because the running container cannot write it.
+# The project itself without dependencies (all locked above); pip check fails the build if the
+# lock no longer satisfies pyproject.toml. pip compiles the bytecode here, because the running
+# container cannot write it.
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /tmp/wheels . \
-    && /opt/venv/bin/pip install --no-cache-dir /tmp/wheels/*.whl
+    && /opt/venv/bin/pip install --no-cache-dir --no-deps /tmp/wheels/*.whl \
+    && /opt/venv/bin/pip check
 
 # --- runtime: the interpreter, the venv and nothing else -------------------------------------
 FROM ${PYTHON_IMAGE}

@@ -197,7 +197,7 @@ def http_status(url: str) -> int | None:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(400)
 def test_installed_wheel_serves_and_stops_on_sigterm(tmp_path: Path, amqp_url: str) -> None:
     # Build from exactly what the builder stage copies, so a file the Dockerfile forgets to
     # copy breaks this test too (and the working tree stays free of build/ output).
@@ -219,11 +219,24 @@ def test_installed_wheel_serves_and_stops_on_sigterm(tmp_path: Path, amqp_url: s
     )
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=60)
     (wheel,) = wheels.glob("bitrix24_bridge-*.whl")
+    venv_pip = [str(venv / "bin" / "python"), "-m", "pip", "--disable-pip-version-check", "-q"]
+    # As the builder stage does: the locked dependencies, each file checked against its hash,
+    # then the project alone, then pip check (the lock must satisfy pyproject.toml).
     subprocess.run(
-        [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", str(wheel)],
+        [
+            *venv_pip,
+            "install",
+            "--require-hashes",
+            "--only-binary",
+            ":all:",
+            "-r",
+            str(context / "requirements.txt"),
+        ],
         check=True,
-        timeout=150,
+        timeout=240,
     )
+    subprocess.run([*venv_pip, "install", "--no-deps", str(wheel)], check=True, timeout=60)
+    subprocess.run([*venv_pip, "check"], check=True, timeout=60)
 
     # A clean environment: nothing BRIDGE_* leaks in from the developer's shell, and the
     # working directory has no .env for the settings to pick up.
@@ -267,3 +280,19 @@ def test_installed_wheel_serves_and_stops_on_sigterm(tmp_path: Path, amqp_url: s
             proc.wait()
     assert returncode == 0, log.read_text()
     assert (state_dir / "state.sqlite3").exists()
+
+
+def test_builder_installs_the_locked_requirements_with_hashes() -> None:
+    builder = stages()[1]
+    runs = [args for kw, args in builder if kw == "RUN"]
+    (locked,) = [r for r in runs if "-r requirements.txt" in r]
+    assert "--require-hashes" in locked
+    assert "requirements.txt" in builder_sources()
+    # The lock goes in before the code, so a code change keeps the dependency layer.
+    order = [args for kw, args in builder if kw in ("COPY", "RUN")]
+    assert order.index(locked) < next(i for i, a in enumerate(order) if "bridge" in a)
+    # The project's own install adds no unlocked dependency, and pip check holds the lock to
+    # pyproject.toml.
+    (project,) = [r for r in runs if "/tmp/wheels/*.whl" in r and "install" in r]
+    assert "--no-deps" in project.split("pip install", 1)[1]
+    assert "pip check" in project
