@@ -165,7 +165,7 @@ def test_text_format_keeps_the_stack_trace_too(captured: io.StringIO) -> None:
 def test_uvicorn_color_message_is_dropped(captured: io.StringIO) -> None:
     # uvicorn passes an ANSI-coloured copy of some messages as extra={"color_message": ...}
     # (uvicorn/server.py, uvicorn/lifespan/on.py); a JSON log has no use for terminal escapes.
-    logging.getLogger("uvicorn.error").info(
+    logging.getLogger("tests.uvicorn_like").info(
         "Started server process [%d]",
         42,
         extra={"color_message": "Started server process [\x1b[36m%d\x1b[0m]"},
@@ -178,7 +178,7 @@ def test_uvicorn_color_message_is_dropped(captured: io.StringIO) -> None:
     assert "\\u001b" not in line
 
     logs.configure("INFO", "text", captured)
-    logging.getLogger("uvicorn.error").info(
+    logging.getLogger("tests.uvicorn_like").info(
         "Waiting for application startup.", extra={"color_message": "\x1b[1mWaiting\x1b[0m"}
     )
     assert "color_message" not in captured.getvalue()
