@@ -51,6 +51,9 @@ KNOWN_METRICS = {
     "bitrix24_bridge_notifications_total",
     "bitrix24_bridge_broker_connected",
     "bitrix24_bridge_portal_stopped",
+    "bitrix24_bridge_binding_failed",
+    "bitrix24_bridge_events_parked_total",
+    "bitrix24_bridge_operating_bans_total",
 }
 # The Diadoc source's metrics (bridge/diadoc/metrics.py), registered only while it is on.
 DIADOC_METRICS = {
@@ -746,6 +749,8 @@ def test_alert_rules_cover_the_failure_modes(
         "Bitrix24BridgeTokenRefreshFailing": {"bitrix24_bridge_token_refreshes_total"},
         "Bitrix24BridgeBrokerDisconnected": {"bitrix24_bridge_broker_connected"},
         "Bitrix24BridgePortalStopped": {"bitrix24_bridge_portal_stopped"},
+        "Bitrix24BridgeBindingFailed": {"bitrix24_bridge_binding_failed"},
+        "Bitrix24BridgeEventsParked": {"bitrix24_bridge_events_parked_total"},
         # Diadoc is on in the full values.
         "Bitrix24BridgeDiadocFeedLagging": {"bitrix24_bridge_diadoc_lag_seconds"},
     }
