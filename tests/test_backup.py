@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import sqlite3
 import stat
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,20 +13,9 @@ from bridge.backup import backup
 from bridge.errors import ConfigError, StateError
 from bridge.state import Portal, State
 from tests.harness import BridgeProcess, bridge_env, emulated_portal
+from tests.test_cli import run as run_cli
 
 KEY = "c2VjcmV0LWtleS1mb3ItdGVzdHMtMzItYnl0ZXMhISE="
-
-
-def run_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")}
-    return subprocess.run(
-        [sys.executable, "-m", "bridge", *args],
-        env={**clean, **env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
 
 
 async def make_state(path: Path, keys: tuple[bytes, ...] = ()) -> Portal:

@@ -5,9 +5,6 @@ open and heard from, state file writable). Portal health is detail in the body, 
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -19,6 +16,7 @@ from bridge.emulator import EmulatorConfig, EmulatorServer
 from bridge.publisher import HEARTBEAT, with_heartbeat
 from tests.harness import Portal, bridge_env, bridge_in_process, until
 from tests.plugins.tcpproxy import TcpProxy
+from tests.test_cli import run as run_cli
 
 # The bound the readiness promise names, and a generous limit to wait for it: the heartbeat
 # must notice a silent broker well within it; without one (aiormq's default of 60 s) the
@@ -88,23 +86,11 @@ async def test_a_stopped_portal_is_reported_not_unready(
 
         # `status`, another process, says why while serve runs.
         async def status_says_why() -> bool:
-            proc = await asyncio.to_thread(run_status, env)
+            proc = await asyncio.to_thread(run_cli, env, "status", "--offline")
             return "drain stopped: " in proc.stdout and "WRONG_LICENSE" in proc.stdout
 
         await until(status_says_why, "status to report the stopped drain")
     assert (await refusing_portal.queue())["free"] == 3  # nothing taken, nothing lost
-
-
-def run_status(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")}
-    return subprocess.run(
-        [sys.executable, "-m", "bridge", "status", "--offline"],
-        env={**clean, **env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
 
 
 async def test_a_silent_broker_makes_the_pod_unready_within_the_bound(
