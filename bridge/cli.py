@@ -81,7 +81,7 @@ COMMANDS: dict[str, tuple[str, str, tuple[str, ...]]] = {
         "print the AsyncAPI 3.0 document of the messages the bridge publishes",
         "Print the AsyncAPI 3.0 document describing the exchanges, routing keys, headers and "
         "bodies of the messages this configuration publishes (BRIDGE_EVENTS, templates, Diadoc).",
-        ("bitrix24-bridge asyncapi > asyncapi.yaml", "bitrix24-bridge asyncapi --format json"),
+        ("bitrix24-bridge asyncapi", "bitrix24-bridge asyncapi --format json"),
     ),
     "emulator": (
         "run the Bitrix24 portal emulator (see 'emulator --help')",

@@ -61,6 +61,17 @@ def of_kind(*first: str) -> list[str]:
 
 
 KNOWN = {"helm", "kubectl", "curl", "(umask", ".venv/bin/python"}
+ENV_ASSIGNMENT = re.compile(r"[A-Z_]+=\S*")
+
+
+def without_env(args: list[str]) -> tuple[dict[str, str], list[str]]:
+    """``VAR=value command ...`` as (environment, command words)."""
+    env = {}
+    while args and ENV_ASSIGNMENT.fullmatch(args[0]):
+        name, _, value = args[0].partition("=")
+        env[name] = value
+        args = args[1:]
+    return env, args
 
 
 def test_every_fenced_command_has_a_check() -> None:
@@ -68,7 +79,48 @@ def test_every_fenced_command_has_a_check() -> None:
     assert len(commands) >= 10
     for command in commands:
         first = words(command)[0]
+        if ENV_ASSIGNMENT.fullmatch(first):
+            _, rest = without_env(words(command))
+            assert rest[0] == "python", command
+            assert rest[1].startswith("examples/"), command
+            continue
         assert first in KNOWN or first.startswith("./scripts/"), f"no check for: {command}"
+
+
+class Parsed(Exception):
+    """Raised with the parsed arguments instead of running the program."""
+
+
+def test_example_programs_accept_their_command_lines(monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse
+    import importlib.util
+
+    examples = [
+        without_env(words(c))
+        for c in fenced_commands()
+        if ENV_ASSIGNMENT.fullmatch(words(c)[0]) or words(c)[0] == "python"
+    ]
+    assert examples
+    parse = argparse.ArgumentParser.parse_args
+
+    def parse_then_stop(self: argparse.ArgumentParser, args: Any = None, ns: Any = None) -> Any:
+        raise Parsed(parse(self, args, ns))  # a usage error exits 2 before this
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+    for env, args in examples:
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        spec = importlib.util.spec_from_file_location("readme_example", ROOT / args[1])
+        assert spec is not None
+        assert spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        with pytest.raises(Parsed) as parsed:
+            module.main(args[2:])
+        namespace = parsed.value.args[0]
+        # The variables the command sets reach the program (e.g. AMQP_URL as --amqp-url).
+        for value in env.values():
+            assert value in vars(namespace).values(), (env, namespace)
 
 
 # --- Helm -----------------------------------------------------------------------------------
@@ -204,8 +256,9 @@ async def test_the_backup_command_runs_as_written(tmp_path: Path) -> None:
 def bridge_command_lines() -> list[list[str]]:
     lines = []
     for command in inline("bitrix24-bridge "):
-        # Synopses: [--opt] is optional (taken), PATH is a placeholder.
+        # Synopses: [--opt] is optional (taken), a\|b a choice (the first), PATH a placeholder.
         text = re.sub(r"\[([^\]]+)\]", r"\1", command)
+        text = re.sub(r"(\S+?)\\\|\S+", r"\1", text)
         lines.append(["x.sqlite3" if w == "PATH" else w for w in words(text)])
     return lines
 
