@@ -17,15 +17,19 @@ from bench.scenarios.throttled import ceiling
 
 def test_the_ceiling_is_the_tightest_limit_of_the_model() -> None:
     bound = ceiling(
-        rate_limit=2, op_cost_per_call=0.010, op_cost_per_row=0.0003, operating_budget=480
+        rate_limit=2, op_cost_per_call=0.010, op_cost_per_row=0.0003, operating_limit=420
     )
-    # 0.8 s of operating time per second / 25 ms per page of 50 events.
-    assert bound.events_per_s == pytest.approx(1600)
+    # 0.7 s of operating time per second / 25 ms per page of 50 events.
+    assert bound.events_per_s == pytest.approx(1400)
     assert bound.bound_by == "get operating time"
     assert bound.terms["request rate"] == pytest.approx(2 * 25 * 50)
+    # batch: half of (get + clear) per page, plus its own call spread over 25 pages.
+    assert bound.terms["batch operating time"] == pytest.approx(
+        0.7 / (0.5 * (0.025 + 0.010 + 0.010 / 25)) * 50
+    )
 
     fast_portal = ceiling(
-        rate_limit=0.5, op_cost_per_call=0.010, op_cost_per_row=0.0003, operating_budget=480
+        rate_limit=0.5, op_cost_per_call=0.010, op_cost_per_row=0.0003, operating_limit=420
     )
     assert fast_portal.bound_by == "request rate"
     assert fast_portal.events_per_s == pytest.approx(0.5 * 25 * 50)
@@ -34,10 +38,10 @@ def test_the_ceiling_is_the_tightest_limit_of_the_model() -> None:
         rate_limit=2,
         op_cost_per_call=0.010,
         op_cost_per_row=0.0003,
-        operating_budget=480,
+        operating_limit=420,
         processing={"event.offline.get": 0.005},
     )
-    assert slower.events_per_s == pytest.approx(0.8 / 0.030 * 50)
+    assert slower.events_per_s == pytest.approx(0.7 / 0.030 * 50)
 
 
 def test_table_and_json_show_every_metric_and_verdict(tmp_path: Path) -> None:
