@@ -542,6 +542,24 @@ def test_diadoc_unset_keys_leave_the_bridge_defaults(chart: helm.Chart) -> None:
     assert env_config(big)["BRIDGE_DIADOC_POLL_INTERVAL"] == "0.5"
 
 
+def test_diadoc_api_version_and_department_reach_the_bridge(chart: helm.Chart) -> None:
+    one_box = {**DIADOC_ON, "boxes": ["box-1@diadoc.ru"]}
+    data = env_config(
+        render(chart, {"diadoc": {**one_box, "apiVersion": "V4", "departmentId": "d-1"}})
+    )
+    assert data["BRIDGE_DIADOC_API_VERSION"] == "V4"
+    assert data["BRIDGE_DIADOC_DEPARTMENT_ID"] == "d-1"
+    # The bridge accepts what the chart renders.
+    from bridge.diadoc.settings import load_diadoc_settings
+
+    rendered = {k: v for k, v in data.items() if k.startswith("BRIDGE_DIADOC_")}
+    settings = load_diadoc_settings({**rendered, "BRIDGE_DIADOC_CLIENT_SECRET": "s"})
+    assert settings.api_version == "V4"
+    assert settings.department_id == "d-1"
+    with pytest.raises(Exception, match="apiVersion"):
+        render(chart, {"diadoc": {**one_box, "apiVersion": "V2"}})  # V2 lacks FullVersion
+
+
 def test_diadoc_secrets_come_from_the_charts_secret(chart: helm.Chart) -> None:
     objects = render(chart, {"diadoc": DIADOC_ON, "secrets": {**SECRETS, **DIADOC_SECRETS}})
     refs = secret_refs(objects)

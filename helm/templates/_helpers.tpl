@@ -147,7 +147,7 @@ empty or null are not set, so the bridge's own default applies.
 {{- fail "diadoc.enabled is true but diadoc.boxes is empty: list at least one Diadoc box id to poll (BRIDGE_DIADOC_BOXES), or set diadoc.enabled=false" }}
 {{- end }}
 {{- $_ := set $env "BRIDGE_DIADOC_BOXES" (join "," $d.boxes) }}
-{{- range $field, $var := dict "apiUrl" "API_URL" "tokenUrl" "TOKEN_URL" "clientId" "CLIENT_ID" "exchange" "EXCHANGE" }}
+{{- range $field, $var := dict "apiUrl" "API_URL" "tokenUrl" "TOKEN_URL" "clientId" "CLIENT_ID" "exchange" "EXCHANGE" "apiVersion" "API_VERSION" "departmentId" "DEPARTMENT_ID" }}
 {{- with index $d $field }}{{ $_ := set $env (print "BRIDGE_DIADOC_" $var) (toString .) }}{{ end }}
 {{- end }}
 {{- range $field, $var := dict "pollInterval" "POLL_INTERVAL" "rescanWindow" "RESCAN_WINDOW" "rescanInterval" "RESCAN_INTERVAL" "startLookback" "START_LOOKBACK" "pageLimit" "PAGE_LIMIT" "seenKeep" "SEEN_KEEP" "requestTimeout" "REQUEST_TIMEOUT" }}
