@@ -1,6 +1,6 @@
 """Messages exactly as the bridge must build them (SPEC §6), for the raw-publishing baseline.
 
-Built from the contract, not imported from ``bridge.messages``: the baseline must not change
+Built from the contract, not imported from ``bridge.bitrix24.messages``: the baseline must not change
 when the bridge does.
 """
 

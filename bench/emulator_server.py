@@ -20,7 +20,7 @@ from typing import Any
 from starlette.responses import JSONResponse
 from starlette.types import Receive, Scope, Send
 
-from bridge.emulator import EmulatorConfig, Portal, ThreadedServer, create_emulator_app
+from bridge.emulators.bitrix24 import EmulatorConfig, Portal, ThreadedServer, create_emulator_app
 
 
 class RequestCounter:

@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from bridge import webhook
+from bridge.bitrix24 import webhook
 from bridge.diadoc.settings import DiadocSettings
 from bridge.metrics import Metrics
 from bridge.service import Service

@@ -19,9 +19,9 @@ from yarl import URL
 
 from bridge import __version__
 from bridge import message_schemas as schemas
+from bridge.core.errors import ConfigError
 from bridge.diadoc.messages import routing_word
 from bridge.diadoc.settings import DiadocSettings, _describe_diadoc
-from bridge.errors import ConfigError
 from bridge.settings import Settings
 
 Document = dict[str, Any]

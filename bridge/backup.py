@@ -12,7 +12,7 @@ import os
 import sqlite3
 from pathlib import Path
 
-from bridge.errors import ConfigError, StateError
+from bridge.core.errors import ConfigError, StateError
 
 # The copy holds administrator tokens, like the state file itself.
 FILE_MODE = 0o600

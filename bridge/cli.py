@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from bridge import __version__, logs
+from bridge.core.errors import BridgeError
 from bridge.diadoc.settings import load_diadoc_settings
-from bridge.errors import BridgeError
 from bridge.settings import Settings, load_settings
 
 log = logging.getLogger("bridge")
@@ -94,7 +94,7 @@ COMMANDS: dict[str, tuple[str, str, tuple[str, ...]]] = {
         (),
     ),
 }
-# These two have parsers of their own (bridge.emulator.cli, bridge.demo).
+# These two have parsers of their own (bridge.emulators.bitrix24.cli, bridge.demo).
 OWN_PARSERS = ("emulator", "demo")
 
 
@@ -148,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     # The emulator and the demo have options of their own.
     if args_list and args_list[0] == "emulator":
-        from bridge.emulator.cli import main as emulator_main
+        from bridge.emulators.bitrix24.cli import main as emulator_main
 
         return emulator_main(args_list[1:])
     if args_list and args_list[0] == "demo":
@@ -268,7 +268,7 @@ async def _drain(settings: Settings) -> int:
 
 
 async def _status(settings: Settings, *, as_json: bool, offline: bool) -> int:
-    from bridge.tools import portal_status
+    from bridge.bitrix24.tools import portal_status
 
     report = await portal_status(settings, ask_upstream=not offline, diadoc=load_diadoc_settings())
     if as_json:
@@ -300,7 +300,7 @@ async def _status(settings: Settings, *, as_json: bool, offline: bool) -> int:
 
 
 async def _parked(settings: Settings, *, as_json: bool, replay: bool) -> int:
-    from bridge.tools import parked_events, request_replay
+    from bridge.bitrix24.tools import parked_events, request_replay
 
     if replay:
         results = await request_replay(settings)
@@ -325,7 +325,7 @@ async def _parked(settings: Settings, *, as_json: bool, replay: bool) -> int:
 
 
 async def _bind(settings: Settings) -> int:
-    from bridge.tools import bind_all
+    from bridge.bitrix24.tools import bind_all
 
     results = await bind_all(settings)
     for domain, bound in results.items():

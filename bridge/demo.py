@@ -31,11 +31,11 @@ from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 from prometheus_client import CollectorRegistry
 
 from bridge import logs
+from bridge.amqp.publisher import redact_url
 from bridge.app import create_app
-from bridge.emulator import EmulatorConfig, EmulatorServer
-from bridge.errors import BridgeError
+from bridge.core.errors import BridgeError
+from bridge.emulators.bitrix24 import EmulatorConfig, EmulatorServer
 from bridge.metrics import PREFIX
-from bridge.publisher import redact_url
 from bridge.server import Server
 from bridge.service import Service
 from bridge.settings import load_settings

@@ -13,7 +13,7 @@ import fcntl
 import os
 from pathlib import Path
 
-from bridge.errors import ConfigError
+from bridge.core.errors import ConfigError
 
 
 class StateLock:

@@ -16,21 +16,21 @@ from dataclasses import dataclass, replace
 import httpx
 from aiolimiter import AsyncLimiter
 
-from bridge.binding import bind_portal
-from bridge.bootstrap import bootstrap, store_grant
+from bridge.amqp.publisher import Publisher
+from bridge.bitrix24.binding import bind_portal
+from bridge.bitrix24.bootstrap import bootstrap, store_grant
+from bridge.bitrix24.messages import Routing
+from bridge.bitrix24.oauth import OAuthClient
+from bridge.bitrix24.offline_queue import OfflineQueue
+from bridge.bitrix24.pacing import Pacer
+from bridge.bitrix24.upstream import PortalClient
+from bridge.core.drainer import Drainer
+from bridge.core.errors import BridgeError, TokenError, TransientError
 from bridge.diadoc.settings import DiadocSettings
-from bridge.drain import Drainer
-from bridge.errors import BridgeError, TokenError, TransientError
 from bridge.lock import StateLock
-from bridge.messages import Routing
 from bridge.metrics import Metrics
-from bridge.oauth import OAuthClient
-from bridge.offline_queue import OfflineQueue
-from bridge.pacing import Pacer
-from bridge.publisher import Publisher
 from bridge.settings import Settings
 from bridge.state import Portal, State
-from bridge.upstream import PortalClient
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from bridge.errors import ConfigError
+from bridge.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

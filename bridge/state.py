@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
-from bridge.errors import StateError
+from bridge.core.errors import StateError
 
 T = TypeVar("T")
 

@@ -3,7 +3,7 @@ from collections.abc import AsyncIterator
 import pytest
 from hypothesis import settings
 
-from bridge.emulator import EmulatorServer
+from bridge.emulators.bitrix24 import EmulatorServer
 from tests.harness import Portal, emulated_portal
 
 # Properties, not timings: a busy CI machine must not turn a slow example into a failure.

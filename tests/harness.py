@@ -20,7 +20,7 @@ import uvicorn
 
 from bridge.app import create_app
 from bridge.diadoc.settings import load_diadoc_settings
-from bridge.emulator import EmulatorConfig, EmulatorServer
+from bridge.emulators.bitrix24 import EmulatorConfig, EmulatorServer
 from bridge.server import Server
 from bridge.service import Service
 from bridge.settings import load_settings

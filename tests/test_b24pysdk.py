@@ -28,7 +28,7 @@ import pytest
 from b24pysdk import BitrixApp, BitrixToken, Client
 from b24pysdk.credentials.oauth_event_data import OAuthEventData
 
-from bridge.emulator import EmulatorConfig, EmulatorServer
+from bridge.emulators.bitrix24 import EmulatorConfig, EmulatorServer
 from tests.plugins.emulator import EmulatorFactory, NotificationSink, PortalClient
 from tests.plugins.tunnel import TunnelProxy, make_certificates
 

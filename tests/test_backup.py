@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from bridge.backup import backup
-from bridge.errors import ConfigError, StateError
+from bridge.core.errors import ConfigError, StateError
 from bridge.state import Portal, State
 from tests.harness import BridgeProcess, bridge_env, emulated_portal
 from tests.test_cli import run as run_cli

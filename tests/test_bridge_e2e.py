@@ -384,7 +384,7 @@ async def test_a_flood_of_notifications_costs_a_few_passes(
 
     import httpx
 
-    from bridge import phpquery
+    from bridge.bitrix24 import phpquery
 
     _server, portal, port = emulated
     env = await bridge_env(

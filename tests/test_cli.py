@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from bridge import cli
-from bridge.emulator import EmulatorConfig, EmulatorServer
+from bridge.emulators.bitrix24 import EmulatorConfig, EmulatorServer
 from tests.harness import Portal, bridge_env
 
 

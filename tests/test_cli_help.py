@@ -10,7 +10,7 @@ import shlex
 import pytest
 
 from bridge import cli, demo
-from bridge.emulator import cli as emulator_cli
+from bridge.emulators.bitrix24 import cli as emulator_cli
 
 
 def subcommands() -> list[str]:

@@ -225,7 +225,7 @@ def test_the_store_is_bounded_by_count_and_age(tmp_path: Path) -> None:
 
 def test_the_window_it_documents_is_the_bridges() -> None:
     """The example promises a retry within a minute: the drain's back-off cap must keep it."""
-    from bridge.drain import Drainer
+    from bridge.core.drainer import Drainer
 
     assert "back-off of at most a minute" in " ".join(load_example().__doc__.split())
     assert Drainer.__init__.__kwdefaults__["backoff_cap"] <= 60

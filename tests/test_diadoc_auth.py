@@ -19,14 +19,14 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from bridge.diadoc.auth import AUTH_SOURCE, BOOTSTRAP_KEY, REFRESH_KEY
-from bridge.diadoc.emulator import DiadocEmulator, DiadocEmulatorServer
+from bridge.emulators.diadoc import DiadocEmulator, DiadocEmulatorServer
 from bridge.diadoc.metrics import DiadocMetrics
 from bridge.diadoc.source import DocflowFeed, FeedOptions
 from bridge.diadoc.ticks import timestamp
 from bridge.diadoc.wiring import PolledDrainer
-from bridge.errors import StateError
+from bridge.core.errors import StateError
 from bridge.metrics import Metrics
-from bridge.publisher import Publisher
+from bridge.amqp.publisher import Publisher
 from bridge.state import State
 from tests.diadoc_harness import emulated_client
 from tests.plugins.broker import AmqpNamespace

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from bridge.diadoc.emulator import DiadocEmulator, DiadocEmulatorServer
+from bridge.emulators.diadoc import DiadocEmulator, DiadocEmulatorServer
 from bridge.diadoc.ticks import timestamp
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from bridge.diadoc.settings import load_diadoc_settings
-from bridge.errors import ConfigError
+from bridge.core.errors import ConfigError
 
 CREDS = {
     "BRIDGE_DIADOC_CLIENT_ID": "client",

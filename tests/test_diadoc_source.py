@@ -23,17 +23,17 @@ from prometheus_client import CollectorRegistry
 
 from bridge.diadoc.cursor import Cursor
 from bridge.diadoc.delivery import SOURCE
-from bridge.diadoc.emulator import DiadocEmulator, DiadocEmulatorServer, FaultRule
-from bridge.diadoc.emulator.events import DEFECTS
+from bridge.emulators.diadoc import DiadocEmulator, DiadocEmulatorServer, FaultRule
+from bridge.emulators.diadoc.events import DEFECTS
 from bridge.diadoc.metrics import diadoc_metrics
 from bridge.diadoc.settings import load_diadoc_settings
 from bridge.diadoc.source import DocflowFeed, FeedOptions
 from bridge.diadoc.ticks import to_unix
 from bridge.diadoc.wiring import PolledDrainer, diadoc_drainers, diadoc_status
-from bridge.errors import TransientError
+from bridge.core.errors import TransientError
 from bridge.metrics import Metrics
-from bridge.offline_queue import NotConfirmed
-from bridge.publisher import Publisher
+from bridge.bitrix24.offline_queue import NotConfirmed
+from bridge.amqp.publisher import Publisher
 from bridge.state import State
 from tests.diadoc_harness import emulated_client
 from tests.plugins.broker import AmqpNamespace, Collector
@@ -570,7 +570,7 @@ async def test_retry_after_sets_the_box_back_off(
     make_rig: MakeRig,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="bridge.drain")
+    caplog.set_level(logging.INFO, logger="bridge.core.drainer")
     rig: Rig = await make_rig()
     diadoc.model.add_faults([FaultRule(status=503, retry_after=120)])
     drainer = PolledDrainer(rig.feed, metrics=Metrics(), interval=60, backoff_base=0.01)

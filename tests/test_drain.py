@@ -2,10 +2,10 @@
 
 import asyncio
 
-from bridge.drain import Drainer
-from bridge.errors import PortalStopped, TransientError
+from bridge.core.drainer import Drainer
+from bridge.core.errors import PortalStopped, TransientError
 from bridge.metrics import Metrics
-from bridge.offline_queue import PassReport
+from bridge.bitrix24.offline_queue import PassReport
 
 
 class FakeSource:

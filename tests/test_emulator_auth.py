@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from bridge.emulator import EmulatorServer, FakeClock
+from bridge.emulators.bitrix24 import EmulatorServer, FakeClock
 from tests.plugins.emulator import EmulatorFactory, NotificationSink, PortalClient
 
 TIME_KEYS = {

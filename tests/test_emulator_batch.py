@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from bridge.emulator import EmulatorServer, FakeClock
-from bridge.emulator.phpform import http_build_query
+from bridge.emulators.bitrix24 import EmulatorServer, FakeClock
+from bridge.emulators.bitrix24.phpform import http_build_query
 from tests.plugins.emulator import EmulatorFactory, PortalClient
 
 LEAD = "ONCRMLEADADD"

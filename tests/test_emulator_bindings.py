@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bridge.emulator import EmulatorServer
+from bridge.emulators.bitrix24 import EmulatorServer
 from tests.plugins.emulator import PortalClient
 
 

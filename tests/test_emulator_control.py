@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from bridge.emulator import EmulatorServer
-from bridge.emulator.cli import build_parser, config_from
+from bridge.emulators.bitrix24 import EmulatorServer
+from bridge.emulators.bitrix24.cli import build_parser, config_from
 from tests.plugins.emulator import PortalClient
 
 

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from bridge.emulator import EmulatorServer
+from bridge.emulators.bitrix24 import EmulatorServer
 from tests.plugins.emulator import EmulatorFactory, PortalClient
 
 

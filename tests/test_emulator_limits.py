@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from bridge.emulator import EmulatorServer, FakeClock
-from bridge.emulator.limits import LeakyBucket
+from bridge.emulators.bitrix24 import EmulatorServer, FakeClock
+from bridge.emulators.bitrix24.limits import LeakyBucket
 from tests.plugins.emulator import EmulatorFactory, PortalClient
 
 Factory = Callable[[EmulatorServer], PortalClient]

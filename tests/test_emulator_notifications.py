@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from bridge.emulator import EmulatorServer, FakeClock
+from bridge.emulators.bitrix24 import EmulatorServer, FakeClock
 from tests.plugins.emulator import EmulatorFactory, NotificationSink, PortalClient
 
 Factory = Callable[[EmulatorServer], PortalClient]

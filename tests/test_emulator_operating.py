@@ -13,8 +13,8 @@ from collections.abc import Callable
 
 import pytest
 
-from bridge.emulator import EmulatorConfig, EmulatorServer, FakeClock
-from bridge.emulator.operating import BAN_SECONDS, LoadLimiter
+from bridge.emulators.bitrix24 import EmulatorConfig, EmulatorServer, FakeClock
+from bridge.emulators.bitrix24.operating import BAN_SECONDS, LoadLimiter
 from tests.plugins.emulator import EmulatorFactory, PortalClient
 
 Factory = Callable[[EmulatorServer], PortalClient]

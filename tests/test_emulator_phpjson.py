@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from bridge.emulator.phpjson import encode, message_id, php_value
+from bridge.emulators.bitrix24.phpjson import encode, message_id, php_value
 from tests.php import FIXED, committed, needs_php, php_answers
 
 

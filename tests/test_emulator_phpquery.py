@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bridge.phpquery import decode, encode
+from bridge.bitrix24.phpquery import decode, encode
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ from datetime import datetime
 
 import pytest
 
-from bridge.emulator import EmulatorServer, FakeClock
+from bridge.emulators.bitrix24 import EmulatorServer, FakeClock
 from tests.plugins.emulator import EmulatorFactory, PortalClient
 
 LEAD = "ONCRMLEADADD"

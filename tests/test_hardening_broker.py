@@ -22,7 +22,7 @@ import httpx
 import pytest
 from yarl import URL
 
-from bridge.emulator import EmulatorServer
+from bridge.emulators.bitrix24 import EmulatorServer
 from tests.harness import InProcessBridge, Portal, bridge_env, bridge_in_process, until
 from tests.plugins.broker import AmqpNamespace
 

@@ -25,7 +25,7 @@ from typing import Any
 import httpx
 import pytest
 
-from bridge.emulator import EmulatorConfig, EmulatorServer
+from bridge.emulators.bitrix24 import EmulatorConfig, EmulatorServer
 from tests.harness import Portal, bridge_env, bridge_in_process, free_port
 
 RATE, BURST = 2, 50

@@ -34,7 +34,7 @@ import aio_pika
 import pytest
 from aio_pika.abc import AbstractIncomingMessage
 
-from bridge.emulator import EmulatorServer
+from bridge.emulators.bitrix24 import EmulatorServer
 from tests.harness import BridgeProcess, Portal, bridge_env, emulated_portal
 from tests.plugins.broker import AmqpNamespace
 from tests.plugins.tcpproxy import TcpProxy

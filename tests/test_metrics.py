@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 from prometheus_client import generate_latest
 
-from bridge.emulator import EmulatorConfig, EmulatorServer
+from bridge.emulators.bitrix24 import EmulatorConfig, EmulatorServer
 from bridge.metrics import Metrics
 from tests.harness import Portal, bridge_env, bridge_in_process, until
 

@@ -16,16 +16,16 @@ from typing import Any
 import httpx
 import pytest
 
-from bridge.drain import Drainer
-from bridge.emulator import EmulatorServer
-from bridge.messages import Routing
+from bridge.core.drainer import Drainer
+from bridge.emulators.bitrix24 import EmulatorServer
+from bridge.bitrix24.messages import Routing
 from bridge.metrics import Metrics
-from bridge.oauth import OAuthClient
-from bridge.offline_queue import OfflineQueue, PassReport
-from bridge.pages import ConfirmedPage
-from bridge.publisher import Publisher
+from bridge.bitrix24.oauth import OAuthClient
+from bridge.bitrix24.offline_queue import OfflineQueue, PassReport
+from bridge.bitrix24.pages import ConfirmedPage
+from bridge.amqp.publisher import Publisher
 from bridge.state import Portal, State
-from bridge.upstream import PortalClient
+from bridge.bitrix24.upstream import PortalClient
 from tests.plugins.broker import AmqpNamespace
 from tests.test_tokens import _refresh
 
@@ -210,7 +210,7 @@ async def _calls(rig: Rig, method: str) -> int:
 async def test_the_orphan_scan_is_bounded_per_pass_and_resumes(
     make_rig: Any, amqp_ns: AmqpNamespace
 ) -> None:
-    from bridge.orphans import PAGES_PER_PASS
+    from bridge.bitrix24.orphans import PAGES_PER_PASS
 
     rig: Rig = await make_rig()
     collector = await amqp_ns.consume(amqp_ns.exchange("oncrmleadadd"))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from bridge.pacing import BAN_PROBE_INTERVAL, MAX_COMMANDS, Pacer
+from bridge.bitrix24.pacing import BAN_PROBE_INTERVAL, MAX_COMMANDS, Pacer
 
 GET = "event.offline.get"
 

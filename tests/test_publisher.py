@@ -15,7 +15,7 @@ from typing import Any
 import aio_pika
 import pytest
 
-from bridge.publisher import (
+from bridge.amqp.publisher import (
     BrokerUnavailable,
     ExchangeMissing,
     OutgoingMessage,

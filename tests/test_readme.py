@@ -29,7 +29,7 @@ from kubernetes_validate.utils import latest_version
 
 from bench.__main__ import parse_args as bench_args
 from bridge import cli
-from bridge.emulator import cli as emulator_cli
+from bridge.emulators.bitrix24 import cli as emulator_cli
 from tests.harness import free_port
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -9,9 +9,9 @@ from typing import Any
 
 import httpx
 
-from bridge.drain import Drainer
+from bridge.core.drainer import Drainer
 from bridge.metrics import Metrics
-from bridge.offline_queue import PassReport
+from bridge.bitrix24.offline_queue import PassReport
 from bridge.service import STUCK_AFTER, PortalSession, Service
 from bridge.settings import load_settings
 from tests.harness import bridge_env
@@ -131,7 +131,7 @@ async def test_readyz_reports_a_failed_binding_and_status_shows_it(
             m for m in metrics.splitlines() if m.startswith("bitrix24_bridge_binding_failed{")
         )
         assert line.endswith(" 1.0")
-        from bridge.tools import portal_status
+        from bridge.bitrix24.tools import portal_status
 
         for _ in range(100):
             report = await portal_status(load_settings(env), ask_upstream=False)

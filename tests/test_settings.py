@@ -4,7 +4,7 @@ import sys
 import pytest
 from cryptography.fernet import Fernet
 
-from bridge.errors import ConfigError
+from bridge.core.errors import ConfigError
 from bridge.settings import load_settings
 
 

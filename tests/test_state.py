@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from cryptography.fernet import Fernet
 
-from bridge.errors import StateError
+from bridge.core.errors import StateError
 from bridge.state import Portal, State
 
 PORTAL = Portal(

@@ -18,9 +18,9 @@ from typing import Any
 import httpx
 
 from bridge.metrics import Metrics
-from bridge.oauth import OAuthClient
+from bridge.bitrix24.oauth import OAuthClient
 from bridge.state import Portal, State
-from bridge.upstream import PortalClient
+from bridge.bitrix24.upstream import PortalClient
 from tests.harness import BridgeProcess, bridge_env, bridge_in_process, until
 
 

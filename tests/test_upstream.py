@@ -10,11 +10,11 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import pytest
 
-from bridge.errors import OutcomeUnknown, PortalStopped, StateError, TokenError, TransientError
+from bridge.core.errors import OutcomeUnknown, PortalStopped, StateError, TokenError, TransientError
 from bridge.metrics import Metrics
-from bridge.oauth import OAuthClient
+from bridge.bitrix24.oauth import OAuthClient
 from bridge.state import Portal
-from bridge.upstream import PortalClient
+from bridge.bitrix24.upstream import PortalClient
 
 PORTAL = Portal(
     member_id="m1",
@@ -182,7 +182,7 @@ async def test_rate_limited_calls_are_retried_even_when_not_idempotent() -> None
     scripted = Scripted(lambda m, b: next(answers))
     client = make_client(scripted, [])
     client._max_rate_retries = 3
-    import bridge.upstream as upstream
+    import bridge.bitrix24.upstream as upstream
 
     original = upstream.backoff
     upstream.backoff = lambda attempt, base=0.5, cap=30.0: 0.0  # type: ignore[assignment]

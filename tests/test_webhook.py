@@ -6,7 +6,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bridge import phpquery, webhook
+from bridge.bitrix24 import phpquery, webhook
 from bridge.app import create_app
 from bridge.service import PortalSession, Service
 from bridge.settings import load_settings

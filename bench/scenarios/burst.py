@@ -31,7 +31,7 @@ from bench.procs import (
     wait_first_pass,
 )
 from bench.report import Result
-from bridge import phpquery
+from bridge.bitrix24 import phpquery
 
 TITLE = "notification burst (20 clients)"
 CLIENTS = 20

@@ -22,7 +22,7 @@ from bench.context import Context
 from bench.drainrun import EVENT, UNTHROTTLED
 from bench.procs import Emulator, bridge_env, bridge_process, free_port, wait_first_pass
 from bench.report import Result
-from bridge.offline_queue import LOOKAHEAD, MAX_RESERVATIONS
+from bridge.bitrix24.offline_queue import LOOKAHEAD, MAX_RESERVATIONS
 
 TITLE = "duplicates per SIGKILL (unthrottled drain)"
 PAGE = 50

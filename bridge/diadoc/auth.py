@@ -20,8 +20,8 @@ from typing import Any
 
 import httpx
 
+from bridge.core.errors import StateError, TokenError, TransientError, UpstreamError
 from bridge.diadoc.metrics import DiadocMetrics
-from bridge.errors import StateError, TokenError, TransientError, UpstreamError
 from bridge.state import State
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """Diadoc's ``GetDocflowEvents`` over HTTP, JSON in and out (``Accept: application/json``).
 
-Every failure ends in one class of :mod:`bridge.errors`: 429, 5xx and network trouble are
+Every failure ends in one class of :mod:`bridge.core.errors`: 429, 5xx and network trouble are
 retried here with jittered back-off and end as :class:`TransientError` (carrying the server's
 ``Retry-After`` when it asks for longer than this client waits, so the box's back-off honours
 it); 400/402/403/404/405/415 (a configuration, subscription, permission or version problem no
@@ -19,11 +19,11 @@ from typing import Any
 
 import httpx
 
+from bridge.bitrix24.upstream import backoff
+from bridge.core.errors import PortalStopped, TokenError, TransientError, UpstreamError
 from bridge.diadoc.auth import DiadocAuth
 from bridge.diadoc.headers import ApiNotices, retry_after
 from bridge.diadoc.metrics import DiadocMetrics
-from bridge.errors import PortalStopped, TokenError, TransientError, UpstreamError
-from bridge.upstream import backoff
 
 log = logging.getLogger(__name__)
 

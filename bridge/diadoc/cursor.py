@@ -17,8 +17,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from bridge.amqp.publisher import PublishResult
 from bridge.diadoc.messages import DocflowEvent, MalformedEvent, Reject, index_key_of, parse_event
-from bridge.publisher import PublishResult
 
 MAX_LIMIT = 100  # GetDocflowEventsRequest.Limit: 1..100
 

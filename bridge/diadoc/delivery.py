@@ -12,11 +12,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
+from bridge.amqp.publisher import Publisher, PublishResult
+from bridge.bitrix24.offline_queue import PassReport
 from bridge.diadoc.cursor import Page
 from bridge.diadoc.messages import DocflowEvent, Reject, to_message
 from bridge.diadoc.metrics import DiadocMetrics
-from bridge.offline_queue import PassReport
-from bridge.publisher import Publisher, PublishResult
 from bridge.state import State
 
 log = logging.getLogger(__name__)

@@ -15,8 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from bridge.amqp.publisher import OutgoingMessage
 from bridge.diadoc.ticks import to_datetime
-from bridge.publisher import OutgoingMessage
 
 UNKNOWN_TYPE = "unknown"
 MAX_REJECT_BODY = 65_536  # characters of a malformed event kept in the state file

@@ -16,9 +16,9 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from bridge.bitrix24.offline_queue import NotConfirmed, PassReport
 from bridge.diadoc.cursor import MAX_LIMIT
 from bridge.diadoc.messages import DocflowEvent
-from bridge.offline_queue import NotConfirmed, PassReport
 
 if TYPE_CHECKING:
     from bridge.diadoc.source import DocflowFeed

@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from bridge.errors import ConfigError
+from bridge.core.errors import ConfigError
 from bridge.settings import CommaList, _split_commas, is_loopback
 
 PREFIX = "BRIDGE_DIADOC_"

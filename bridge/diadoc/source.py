@@ -18,14 +18,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
+from bridge.amqp.publisher import Publisher
+from bridge.bitrix24.offline_queue import NotConfirmed, PassReport
 from bridge.diadoc.client import DiadocClient
 from bridge.diadoc.cursor import MAX_LIMIT, ConfirmedPage, Cursor, Page
 from bridge.diadoc.delivery import SOURCE, Delivery
 from bridge.diadoc.metrics import DiadocMetrics
 from bridge.diadoc.rescan import rescan
 from bridge.diadoc.ticks import TICKS_PER_SECOND, timestamp, to_ticks, to_unix
-from bridge.offline_queue import NotConfirmed, PassReport
-from bridge.publisher import Publisher
 from bridge.state import State
 
 log = logging.getLogger(__name__)

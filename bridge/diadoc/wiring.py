@@ -10,6 +10,8 @@ from typing import Any
 
 import httpx
 
+from bridge.amqp.publisher import Publisher
+from bridge.core.drainer import Drainer, Source
 from bridge.diadoc.auth import DiadocAuth
 from bridge.diadoc.client import DiadocClient
 from bridge.diadoc.cursor import Cursor
@@ -18,9 +20,7 @@ from bridge.diadoc.metrics import diadoc_metrics
 from bridge.diadoc.settings import DiadocSettings
 from bridge.diadoc.source import DocflowFeed, FeedOptions
 from bridge.diadoc.ticks import to_unix
-from bridge.drain import Drainer, Source
 from bridge.metrics import Metrics
-from bridge.publisher import Publisher
 from bridge.state import State
 
 log = logging.getLogger(__name__)

@@ -19,8 +19,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from bridge.emulator import EmulatorConfig, EmulatorServer, ThreadedServer
-from bridge.emulator.phpform import parse_str
+from bridge.emulators.bitrix24 import EmulatorConfig, EmulatorServer, ThreadedServer
+from bridge.emulators.bitrix24.phpform import parse_str
 
 
 @dataclass

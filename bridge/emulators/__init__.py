@@ -1,0 +1,1 @@
+"""Emulators of the upstream services, for tests, benchmarks and the demo (not in the image)."""
