@@ -1,7 +1,7 @@
 """Messages exactly as the bridge must build them (SPEC §6), for the raw-publishing baseline.
 
-Built from the contract, not imported from ``bridge.bitrix24.messages``: the baseline must not change
-when the bridge does.
+Built from the contract, not imported from ``bridge.bitrix24.messages``: the baseline must not
+change when the bridge does.
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ from prometheus_client import CollectorRegistry
 
 from bridge.diadoc.auth import DiadocAuth
 from bridge.diadoc.client import DiadocClient
-from bridge.emulators.diadoc import DiadocEmulatorServer
 from bridge.diadoc.metrics import diadoc_metrics
+from bridge.emulators.diadoc import DiadocEmulatorServer
 from bridge.state import State
 
 

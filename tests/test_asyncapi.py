@@ -26,8 +26,8 @@ import yaml
 from aio_pika.abc import AbstractIncomingMessage
 
 from bridge.asyncapi import build, load_diadoc_layout, render
-from bridge.emulators.diadoc import DiadocEmulator, DiadocEmulatorServer
 from bridge.core.errors import ConfigError
+from bridge.emulators.diadoc import DiadocEmulator, DiadocEmulatorServer
 from bridge.settings import load_settings
 from tests.harness import bridge_env, bridge_in_process
 from tests.plugins.broker import AmqpNamespace

@@ -18,15 +18,15 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 
+from bridge.amqp.publisher import Publisher
+from bridge.core.errors import StateError
 from bridge.diadoc.auth import AUTH_SOURCE, BOOTSTRAP_KEY, REFRESH_KEY
-from bridge.emulators.diadoc import DiadocEmulator, DiadocEmulatorServer
 from bridge.diadoc.metrics import DiadocMetrics
 from bridge.diadoc.source import DocflowFeed, FeedOptions
 from bridge.diadoc.ticks import timestamp
 from bridge.diadoc.wiring import PolledDrainer
-from bridge.core.errors import StateError
+from bridge.emulators.diadoc import DiadocEmulator, DiadocEmulatorServer
 from bridge.metrics import Metrics
-from bridge.amqp.publisher import Publisher
 from bridge.state import State
 from tests.diadoc_harness import emulated_client
 from tests.plugins.broker import AmqpNamespace

@@ -12,10 +12,10 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 
-from bridge.diadoc.auth import AUTH_SOURCE, REFRESH_KEY
-from bridge.emulators.diadoc import DiadocEmulator, DiadocEmulatorServer, FaultRule
-from bridge.diadoc.ticks import timestamp
 from bridge.core.errors import PortalStopped, TokenError, TransientError
+from bridge.diadoc.auth import AUTH_SOURCE, REFRESH_KEY
+from bridge.diadoc.ticks import timestamp
+from bridge.emulators.diadoc import DiadocEmulator, DiadocEmulatorServer, FaultRule
 from bridge.state import State
 from tests.diadoc_harness import emulated_client
 

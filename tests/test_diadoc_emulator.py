@@ -10,8 +10,8 @@ from typing import Any
 import httpx
 import pytest
 
-from bridge.emulators.diadoc import DiadocEmulator, DiadocEmulatorServer
 from bridge.diadoc.ticks import timestamp
+from bridge.emulators.diadoc import DiadocEmulator, DiadocEmulatorServer
 
 
 @pytest.fixture

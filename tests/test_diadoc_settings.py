@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from bridge.diadoc.settings import load_diadoc_settings
 from bridge.core.errors import ConfigError
+from bridge.diadoc.settings import load_diadoc_settings
 
 CREDS = {
     "BRIDGE_DIADOC_CLIENT_ID": "client",

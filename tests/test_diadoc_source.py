@@ -21,19 +21,18 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 
+from bridge.amqp.publisher import Publisher
+from bridge.core.errors import NotConfirmed, TransientError
 from bridge.diadoc.cursor import Cursor
 from bridge.diadoc.delivery import SOURCE
-from bridge.emulators.diadoc import DiadocEmulator, DiadocEmulatorServer, FaultRule
-from bridge.emulators.diadoc.events import DEFECTS
 from bridge.diadoc.metrics import diadoc_metrics
 from bridge.diadoc.settings import load_diadoc_settings
 from bridge.diadoc.source import DocflowFeed, FeedOptions
 from bridge.diadoc.ticks import to_unix
 from bridge.diadoc.wiring import PolledDrainer, diadoc_drainers, diadoc_status
-from bridge.core.errors import TransientError
+from bridge.emulators.diadoc import DiadocEmulator, DiadocEmulatorServer, FaultRule
+from bridge.emulators.diadoc.events import DEFECTS
 from bridge.metrics import Metrics
-from bridge.bitrix24.offline_queue import NotConfirmed
-from bridge.amqp.publisher import Publisher
 from bridge.state import State
 from tests.diadoc_harness import emulated_client
 from tests.plugins.broker import AmqpNamespace, Collector

@@ -4,8 +4,8 @@ import asyncio
 
 from bridge.core.drainer import Drainer
 from bridge.core.errors import PortalStopped, TransientError
+from bridge.core.source import PassReport
 from bridge.metrics import Metrics
-from bridge.bitrix24.offline_queue import PassReport
 
 
 class FakeSource:

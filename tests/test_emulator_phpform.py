@@ -12,7 +12,13 @@ from typing import Any
 
 import pytest
 
-from bridge.emulators.bitrix24.phpform import MAX_DEPTH, MAX_VARS, http_build_query, parse_str, php_array
+from bridge.emulators.bitrix24.phpform import (
+    MAX_DEPTH,
+    MAX_VARS,
+    http_build_query,
+    parse_str,
+    php_array,
+)
 from tests.php import FIXED, committed, inputs_of, needs_php, php_answers
 
 # Characters that decide how PHP reads a query string, and a few that do not.

@@ -31,8 +31,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bridge.bitrix24 import phpquery, webhook
 from bridge.app import create_app
+from bridge.bitrix24 import phpquery, webhook
 from bridge.emulators.bitrix24 import EmulatorConfig, EmulatorServer
 from bridge.service import Service
 from bridge.settings import load_settings

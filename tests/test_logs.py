@@ -12,7 +12,6 @@ import httpx
 import pytest
 
 from bridge import logs
-
 from bridge.bitrix24 import phpquery
 from bridge.emulators.bitrix24 import EmulatorConfig, EmulatorServer
 from tests.harness import Portal, bridge_env, bridge_in_process, free_port

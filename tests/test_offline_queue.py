@@ -16,16 +16,17 @@ from typing import Any
 import httpx
 import pytest
 
-from bridge.core.drainer import Drainer
-from bridge.emulators.bitrix24 import EmulatorServer
-from bridge.bitrix24.messages import Routing
-from bridge.metrics import Metrics
-from bridge.bitrix24.oauth import OAuthClient
-from bridge.bitrix24.offline_queue import OfflineQueue, PassReport
-from bridge.bitrix24.pages import ConfirmedPage
 from bridge.amqp.publisher import Publisher
-from bridge.state import Portal, State
+from bridge.bitrix24.messages import Routing
+from bridge.bitrix24.oauth import OAuthClient
+from bridge.bitrix24.offline_queue import OfflineQueue
+from bridge.bitrix24.pages import ConfirmedPage
 from bridge.bitrix24.upstream import PortalClient
+from bridge.core.drainer import Drainer
+from bridge.core.source import PassReport
+from bridge.emulators.bitrix24 import EmulatorServer
+from bridge.metrics import Metrics
+from bridge.state import Portal, State
 from tests.plugins.broker import AmqpNamespace
 from tests.test_tokens import _refresh
 

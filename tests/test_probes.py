@@ -12,8 +12,8 @@ import httpx
 import pytest
 from yarl import URL
 
-from bridge.emulators.bitrix24 import EmulatorConfig, EmulatorServer
 from bridge.amqp.publisher import HEARTBEAT, with_heartbeat
+from bridge.emulators.bitrix24 import EmulatorConfig, EmulatorServer
 from tests.harness import Portal, bridge_env, bridge_in_process, until
 from tests.plugins.tcpproxy import TcpProxy
 from tests.test_cli import run as run_cli

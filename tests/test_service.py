@@ -10,8 +10,8 @@ from typing import Any
 import httpx
 
 from bridge.core.drainer import Drainer
+from bridge.core.source import PassReport
 from bridge.metrics import Metrics
-from bridge.bitrix24.offline_queue import PassReport
 from bridge.service import STUCK_AFTER, PortalSession, Service
 from bridge.settings import load_settings
 from tests.harness import bridge_env

@@ -17,10 +17,10 @@ from typing import Any
 
 import httpx
 
-from bridge.metrics import Metrics
 from bridge.bitrix24.oauth import OAuthClient
-from bridge.state import Portal, State
 from bridge.bitrix24.upstream import PortalClient
+from bridge.metrics import Metrics
+from bridge.state import Portal, State
 from tests.harness import BridgeProcess, bridge_env, bridge_in_process, until
 
 

@@ -10,11 +10,11 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import pytest
 
+from bridge.bitrix24.oauth import OAuthClient
+from bridge.bitrix24.upstream import PortalClient
 from bridge.core.errors import OutcomeUnknown, PortalStopped, StateError, TokenError, TransientError
 from bridge.metrics import Metrics
-from bridge.bitrix24.oauth import OAuthClient
 from bridge.state import Portal
-from bridge.bitrix24.upstream import PortalClient
 
 PORTAL = Portal(
     member_id="m1",

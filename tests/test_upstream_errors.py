@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from bridge.core.errors import PortalStopped, TokenError, TransientError
 from bridge.bitrix24.pacing import BAN_PROBE_INTERVAL
 from bridge.bitrix24.upstream import error_for
+from bridge.core.errors import PortalStopped, TokenError, TransientError
 from tests.harness import bridge_env, bridge_in_process, until
 
 RARELY = 3600.0

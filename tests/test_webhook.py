@@ -6,8 +6,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bridge.bitrix24 import phpquery, webhook
 from bridge.app import create_app
+from bridge.bitrix24 import phpquery, webhook
 from bridge.service import PortalSession, Service
 from bridge.settings import load_settings
 from bridge.state import Portal, State

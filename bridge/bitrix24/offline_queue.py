@@ -2,9 +2,9 @@
 
 Nothing is cleared that the broker did not confirm: ``event.offline.clear`` is called only with
 a :class:`~bridge.bitrix24.pages.ConfirmedPage`, built from what the publisher reported
-confirmed (or what the journal recorded as confirmed before a failure). Confirmed events are recorded in the
-journal before they are cleared, so a retry after a failed clear clears them without publishing
-them again.
+confirmed (or what the journal recorded as confirmed before a failure). Confirmed events are
+recorded in the journal before they are cleared, so a retry after a failed clear clears them
+without publishing them again.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from bridge.bitrix24.pacing import MAX_COMMANDS
 from bridge.bitrix24.pages import ConfirmedPage, Reservation, split
 from bridge.bitrix24.poison import PoisonGuard, Refused
 from bridge.bitrix24.upstream import PortalClient
-from bridge.core.errors import StateError, UpstreamError
+from bridge.core.errors import NotConfirmed, StateError, UpstreamError
+from bridge.core.source import PassReport
 from bridge.metrics import Metrics
 from bridge.state import JournalEntry, State
 
@@ -44,21 +45,9 @@ REFUSED_BEFORE_RUNNING = frozenset(
 )
 
 
-class NotConfirmed(Exception):
-    """Some events of a page were not confirmed; they stay reserved for the next pass."""
-
-
 class MalformedAnswer(UpstreamError):
     def __init__(self, description: str) -> None:
         super().__init__("MALFORMED_ANSWER", description, method=GET)
-
-
-@dataclass(slots=True)
-class PassReport:
-    published: int = 0
-    cleared: int = 0
-    parked: int = 0
-    covered_until: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

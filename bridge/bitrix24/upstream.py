@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -30,6 +29,7 @@ from bridge.core.errors import (
     TransientError,
     UpstreamError,
 )
+from bridge.core.retry import backoff
 from bridge.metrics import Metrics
 from bridge.state import Portal
 
@@ -113,11 +113,6 @@ def error_for(code: str, description: str, method: str) -> UpstreamError:
     if code in STOPPING_CODES:
         return PortalStopped(code, description, method=method, recheck_after=STOPPING_CODES[code])
     return UpstreamError(code, description, method=method)
-
-
-def backoff(attempt: int, base: float = 0.5, cap: float = 30.0) -> float:
-    """Exponential back-off with full jitter."""
-    return random.uniform(0, min(cap, base * 2**attempt))
 
 
 SaveTokens = Callable[[Portal], Awaitable[None]]

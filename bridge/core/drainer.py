@@ -15,30 +15,13 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from typing import Protocol
 
-from bridge.bitrix24.offline_queue import PassReport
-from bridge.bitrix24.upstream import backoff
 from bridge.core.errors import PortalStopped, TokenError
+from bridge.core.retry import backoff
+from bridge.core.source import Source
 from bridge.metrics import Metrics
 
 log = logging.getLogger(__name__)
-
-
-class Source(Protocol):
-    """What the drain loop needs of a source.
-
-    A source may also have ``progress_at`` (monotonic time of its last sign of progress: an
-    answer from upstream, a confirmed publish; liveness uses it) and ``due_at`` (a monotonic
-    time when it wants a pass although nobody asked, or None).
-    """
-
-    @property
-    def name(self) -> str: ...
-
-    async def run_pass(self, *, full_check: bool) -> PassReport: ...
-
-    def request_stop(self) -> None: ...
 
 
 class Drainer:

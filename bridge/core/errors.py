@@ -1,6 +1,7 @@
 """The bridge's errors.
 
 BridgeError
+├── NotConfirmed           some events of a page were not confirmed; they stay upstream
 ├── ConfigError            bad or missing configuration; one line for the operator
 ├── StateError             the state file cannot be read or written
 ├── BrokerUnavailable      RabbitMQ cannot be reached
@@ -73,3 +74,7 @@ class PortalStopped(UpstreamError):
     ) -> None:
         super().__init__(code, description, method=method)
         self.recheck_after = recheck_after
+
+
+class NotConfirmed(BridgeError):
+    """Some events of a page were not confirmed; they stay reserved for the next pass."""

@@ -19,8 +19,8 @@ from typing import Any
 
 import httpx
 
-from bridge.bitrix24.upstream import backoff
 from bridge.core.errors import PortalStopped, TokenError, TransientError, UpstreamError
+from bridge.core.retry import backoff
 from bridge.diadoc.auth import DiadocAuth
 from bridge.diadoc.headers import ApiNotices, retry_after
 from bridge.diadoc.metrics import DiadocMetrics

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Sequence
 
 from bridge.amqp.publisher import Publisher, PublishResult
-from bridge.bitrix24.offline_queue import PassReport
+from bridge.core.source import PassReport
 from bridge.diadoc.cursor import Page
 from bridge.diadoc.messages import DocflowEvent, Reject, to_message
 from bridge.diadoc.metrics import DiadocMetrics

@@ -16,7 +16,8 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from bridge.bitrix24.offline_queue import NotConfirmed, PassReport
+from bridge.core.errors import NotConfirmed
+from bridge.core.source import PassReport
 from bridge.diadoc.cursor import MAX_LIMIT
 from bridge.diadoc.messages import DocflowEvent
 

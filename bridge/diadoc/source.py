@@ -19,7 +19,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from bridge.amqp.publisher import Publisher
-from bridge.bitrix24.offline_queue import NotConfirmed, PassReport
+from bridge.core.errors import NotConfirmed
+from bridge.core.source import PassReport
 from bridge.diadoc.client import DiadocClient
 from bridge.diadoc.cursor import MAX_LIMIT, ConfirmedPage, Cursor, Page
 from bridge.diadoc.delivery import SOURCE, Delivery

@@ -11,7 +11,8 @@ from typing import Any
 import httpx
 
 from bridge.amqp.publisher import Publisher
-from bridge.core.drainer import Drainer, Source
+from bridge.core.drainer import Drainer
+from bridge.core.source import Source
 from bridge.diadoc.auth import DiadocAuth
 from bridge.diadoc.client import DiadocClient
 from bridge.diadoc.cursor import Cursor
