@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 import httpx
 from aiolimiter import AsyncLimiter
 
-from bridge.amqp.publisher import Publisher
+from bridge.amqp.publisher import AmqpPublisher
 from bridge.bitrix24.binding import bind_portal
 from bridge.bitrix24.bootstrap import bootstrap, store_grant
 from bridge.bitrix24.messages import Routing
@@ -78,7 +78,7 @@ class Service:
             client_id=self.client_id,
             client_secret=client_secret,
         )
-        self.publisher = Publisher(
+        self.publisher = AmqpPublisher(
             settings.amqp_url.get_secret_value(),
             unrouted_exchange=settings.unrouted_exchange,
             declare=settings.declare,

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
+from bridge.amqp.protocol import Confirmed
 from bridge.core.errors import StateError
 
 T = TypeVar("T")
@@ -359,12 +360,11 @@ class State:
         await self._write(run)
 
     async def journal_confirm(
-        self, member_id: str, connector: str, confirmed: Mapping[str, Sequence[str]]
+        self, member_id: str, connector: str, confirmed: Mapping[str, Confirmed]
     ) -> None:
-        """Remember which events of each reservation the broker confirmed, in one write.
-
-        A later attempt then clears them without publishing them again.
-        """
+        """Remember which events of each reservation the broker confirmed, in one write: only a
+        publisher's proof is accepted. A later attempt then clears them without publishing
+        them again."""
 
         def run() -> None:
             with self._conn:
@@ -372,12 +372,12 @@ class State:
                     "INSERT OR IGNORE INTO confirmed VALUES (?,?,?,?)",
                     [
                         (member_id, connector, process_id, message_id)
-                        for process_id, message_ids in confirmed.items()
-                        for message_id in message_ids
+                        for process_id, proof in confirmed.items()
+                        for message_id in proof.keys
                     ],
                 )
 
-        if any(confirmed.values()):
+        if confirmed:
             await self._write(run)
 
     async def journal_remove(

@@ -18,7 +18,7 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 
-from bridge.amqp.publisher import Publisher
+from bridge.amqp.publisher import AmqpPublisher
 from bridge.core.errors import StateError
 from bridge.diadoc.auth import AUTH_SOURCE, BOOTSTRAP_KEY, REFRESH_KEY
 from bridge.diadoc.metrics import DiadocMetrics
@@ -154,7 +154,7 @@ async def test_a_pass_cancelled_after_the_rotation_still_stores_the_token(
 ) -> None:
     bootstrap = diadoc.model.issue_refresh_token()
     hold = HoldRotation()
-    publisher = Publisher(amqp_ns.url, unrouted_exchange=amqp_ns.unrouted_exchange)
+    publisher = AmqpPublisher(amqp_ns.url, unrouted_exchange=amqp_ns.unrouted_exchange)
     await publisher.start()
     try:
         async with httpx.AsyncClient(transport=hold) as http:

@@ -21,7 +21,7 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 
-from bridge.amqp.publisher import Publisher
+from bridge.amqp.publisher import AmqpPublisher
 from bridge.core.errors import NotConfirmed, TransientError
 from bridge.diadoc.cursor import Cursor
 from bridge.diadoc.delivery import SOURCE
@@ -52,7 +52,7 @@ class Rig:
     """One bridge "process": its own state connection, publisher and HTTP client."""
 
     state: State
-    publisher: Publisher
+    publisher: AmqpPublisher
     http: httpx.AsyncClient
     feed: DocflowFeed
     registry: CollectorRegistry
@@ -104,7 +104,7 @@ def make_rig(
         **options: float,
     ) -> Rig:
         state = await State.open(str(tmp_path / "state.sqlite3"))
-        publisher = Publisher(
+        publisher = AmqpPublisher(
             amqp_url or amqp_ns.url, unrouted_exchange=amqp_ns.unrouted_exchange, confirm_timeout=5
         )
         await publisher.start()
@@ -765,7 +765,7 @@ async def test_wiring_builds_one_drainer_per_box_and_reports_status(
     }
     settings = load_diadoc_settings(env)
     state = await State.open(str(tmp_path / "wired.sqlite3"))
-    publisher = Publisher(amqp_ns.url, unrouted_exchange=amqp_ns.unrouted_exchange)
+    publisher = AmqpPublisher(amqp_ns.url, unrouted_exchange=amqp_ns.unrouted_exchange)
     await publisher.start()
     metrics = Metrics()
     collector = await consume(amqp_ns)

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from bridge.amqp.publisher import Publisher
+from bridge.amqp.publisher import AmqpPublisher
 from bridge.bitrix24.messages import Routing
 from bridge.bitrix24.oauth import OAuthClient
 from bridge.bitrix24.offline_queue import OfflineQueue
@@ -36,7 +36,7 @@ class Rig:
     queue: OfflineQueue
     client: PortalClient
     state: State
-    publisher: Publisher
+    publisher: AmqpPublisher
     http: httpx.AsyncClient
     control: httpx.AsyncClient
 
@@ -77,7 +77,7 @@ async def make_rig(
             rate_limit=100,
             rate_burst=100,
         )
-        publisher = Publisher(amqp_ns.url, unrouted_exchange=amqp_ns.unrouted_exchange)
+        publisher = AmqpPublisher(amqp_ns.url, unrouted_exchange=amqp_ns.unrouted_exchange)
         await publisher.start()
         routing = Routing(
             exchange_template=amqp_ns.exchange_template,

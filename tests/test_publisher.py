@@ -15,13 +15,9 @@ from typing import Any
 import aio_pika
 import pytest
 
-from bridge.amqp.publisher import (
-    BrokerUnavailable,
-    ExchangeMissing,
-    OutgoingMessage,
-    Publisher,
-    PublishResult,
-)
+from bridge.amqp.protocol import OutgoingMessage, PublishResult
+from bridge.amqp.publisher import AmqpPublisher as Publisher
+from bridge.amqp.publisher import BrokerUnavailable, ExchangeMissing
 from tests.plugins.broker import AmqpNamespace
 from tests.plugins.tcpproxy import TcpProxy
 

@@ -1,4 +1,4 @@
-"""The AMQP side: publish with confirms, report exactly what the broker acknowledged.
+"""The aio-pika publisher: publish with confirms, report exactly what the broker acknowledged.
 
 A message counts as confirmed only when the broker sent ``basic.ack`` for it. Everything else
 (nack, return, no answer in time, lost connection, unusable exchange) is a failure with a reason,
@@ -11,10 +11,8 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from datetime import datetime
-from typing import Any, Literal
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import aio_pika
 import aiormq
@@ -22,20 +20,21 @@ from aio_pika.abc import AbstractChannel, AbstractConnection
 from aiormq import spec
 from yarl import URL
 
+from bridge.amqp.protocol import (
+    FailureReason,
+    OutgoingMessage,
+    PublishResult,
+    _confirm,
+)
 from bridge.core.errors import BridgeError, BrokerUnavailable
 
 __all__ = [
+    "AmqpPublisher",
     "BrokerUnavailable",
     "ExchangeMissing",
-    "FailureReason",
-    "OutgoingMessage",
-    "PublishResult",
-    "Publisher",
 ]
 
 log = logging.getLogger(__name__)
-
-FailureReason = Literal["nack", "returned", "timeout", "connection", "missing_exchange"]
 
 CONNECT_TIMEOUT = 10.0
 # AMQP heartbeat in seconds, unless the URL sets one (?heartbeat=N). aiormq sends one every
@@ -49,28 +48,6 @@ PERSISTENT = 2
 
 class ExchangeMissing(BridgeError):
     """An exchange cannot be used: absent while declaring is off, or declared differently."""
-
-
-@dataclass(frozen=True, slots=True)
-class OutgoingMessage:
-    exchange: str
-    routing_key: str
-    body: bytes
-    message_id: str
-    type: str
-    timestamp: datetime | None
-    headers: Mapping[str, str]
-    key: str  # the source's identity of the message, handed back untouched
-
-
-@dataclass(frozen=True, slots=True)
-class PublishResult:
-    confirmed: tuple[OutgoingMessage, ...]
-    failed: tuple[tuple[OutgoingMessage, str], ...]
-
-    @property
-    def complete(self) -> bool:
-        return not self.failed
 
 
 def _acked(task: asyncio.Future[Any]) -> bool:
@@ -102,7 +79,7 @@ def with_heartbeat(url: str) -> str:
     return str(parsed.update_query(heartbeat=HEARTBEAT))
 
 
-class Publisher:
+class AmqpPublisher:
     def __init__(
         self,
         url: str,
@@ -207,14 +184,41 @@ class Publisher:
     # -- publishing ------------------------------------------------------------------------
 
     async def publish(self, messages: Sequence[OutgoingMessage]) -> PublishResult:
+        (result,) = await self.publish_pages([messages])
+        return result
+
+    async def publish_pages(
+        self, pages: Sequence[Sequence[OutgoingMessage]]
+    ) -> list[PublishResult]:
+        """Every page's messages in one pipelined run; one result (and proof) per page."""
+        messages = [message for page in pages for message in page]
+        confirmed, failed = await self._publish_all(messages)
+        owners: dict[int, list[int]] = {}
+        for index, page in enumerate(pages):
+            for message in page:
+                owners.setdefault(id(message), []).append(index)
+        by_page_ok: list[list[OutgoingMessage]] = [[] for _ in pages]
+        by_page_failed: list[list[tuple[OutgoingMessage, FailureReason]]] = [[] for _ in pages]
+        for message in confirmed:
+            by_page_ok[owners[id(message)].pop(0)].append(message)
+        for message, reason in failed:
+            by_page_failed[owners[id(message)].pop(0)].append((message, reason))
+        return [
+            PublishResult(tuple(ok), tuple(bad), _confirm(ok))
+            for ok, bad in zip(by_page_ok, by_page_failed, strict=True)
+        ]
+
+    async def _publish_all(
+        self, messages: Sequence[OutgoingMessage]
+    ) -> tuple[list[OutgoingMessage], list[tuple[OutgoingMessage, FailureReason]]]:
         confirmed: list[OutgoingMessage] = []
-        failed: list[tuple[OutgoingMessage, str]] = []
+        failed: list[tuple[OutgoingMessage, FailureReason]] = []
         if not messages:
-            return PublishResult((), ())
+            return confirmed, failed
         if self._amqp is None:
             failed = [(message, "connection") for message in messages]
             self._report(failed)
-            return PublishResult((), tuple(failed))
+            return confirmed, failed
 
         unusable = await self._ensure_exchanges({m.exchange for m in messages})
         sendable: list[OutgoingMessage] = []
@@ -244,13 +248,13 @@ class Publisher:
             todo = todo[cut:]
 
         self._report(failed)
-        return PublishResult(tuple(confirmed), tuple(failed))
+        return confirmed, failed
 
     async def _settle_earlier(
         self,
         messages: list[OutgoingMessage],
         confirmed: list[OutgoingMessage],
-        failed: list[tuple[OutgoingMessage, str]],
+        failed: list[tuple[OutgoingMessage, FailureReason]],
     ) -> list[OutgoingMessage]:
         """Answer from an earlier, unresolved publish where there is one; the rest to send."""
         inflight = self._inflight
@@ -275,7 +279,7 @@ class Publisher:
                 to_send.append(message)
         return to_send
 
-    def _report(self, failed: list[tuple[OutgoingMessage, str]]) -> None:
+    def _report(self, failed: list[tuple[OutgoingMessage, FailureReason]]) -> None:
         if self._on_failure is None:
             return
         try:
@@ -288,7 +292,7 @@ class Publisher:
         self,
         messages: Sequence[OutgoingMessage],
         confirmed: list[OutgoingMessage],
-        failed: list[tuple[OutgoingMessage, str]],
+        failed: list[tuple[OutgoingMessage, FailureReason]],
     ) -> None:
         if not messages:
             return

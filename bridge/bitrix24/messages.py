@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from bridge.amqp.publisher import OutgoingMessage
+from bridge.amqp.protocol import OutgoingMessage
 
 
 class MalformedEvent(ValueError):

@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from bridge.amqp.publisher import OutgoingMessage, Publisher
+from bridge.amqp.protocol import OutgoingMessage, Publisher
 from bridge.bitrix24.messages import MalformedEvent, Routing, to_message
 from bridge.bitrix24.orphans import LIST, OrphanScan
 from bridge.bitrix24.pacing import MAX_COMMANDS
-from bridge.bitrix24.pages import ConfirmedPage, Reservation, split
+from bridge.bitrix24.pages import ConfirmedPage, Reservation
 from bridge.bitrix24.poison import PoisonGuard, Refused
 from bridge.bitrix24.upstream import PortalClient
 from bridge.core.errors import NotConfirmed, StateError, UpstreamError
@@ -335,8 +335,7 @@ class OfflineQueue:
         ``known``: per process id, MESSAGE_IDs the journal says were confirmed already; those
         rows are cleared without being published again.
         """
-        messages: list[OutgoingMessage] = []
-        owners: dict[int, int] = {}
+        pages: list[list[OutgoingMessage]] = [[] for _ in reservations]
         malformed: list[list[Refused]] = [[] for _ in reservations]
         already: list[list[Mapping[str, Any]]] = [[] for _ in reservations]
         for index, reservation in enumerate(reservations):
@@ -346,7 +345,7 @@ class OfflineQueue:
                     already[index].append(row)
                     continue
                 try:
-                    message = to_message(row, self.routing)
+                    pages[index].append(to_message(row, self.routing))
                 except MalformedEvent as exc:
                     safe_row = row if isinstance(row, Mapping) else {"row": repr(row)[:1000]}
                     malformed[index].append(Refused(safe_row, "malformed"))
@@ -358,60 +357,53 @@ class OfflineQueue:
                             "reason": str(exc),
                         },
                     )
-                    continue
-                owners[id(message)] = index
-                messages.append(message)
-        result = await self._publisher.publish(messages)
+        results = await self._publisher.publish_pages(pages)
         self._published_at = self._clock()
-        for name, count in Counter(m.type for m in result.confirmed).items():
+        confirmed = [m for result in results for m in result.confirmed]
+        for name, count in Counter(m.type for m in confirmed).items():
             self._metrics.events_published.labels(event=name).inc(count)
-        report.published += len(result.confirmed)
-        if messages:
+        report.published += len(confirmed)
+        sent = sum(len(page) for page in pages)
+        if sent:
             log.info(
                 "pages published",
                 extra={
                     "portal": self.name,
                     "process_ids": [r.process_id for r in reservations],
-                    "events": len(messages),
-                    "confirmed": len(result.confirmed),
-                    "failed": len(result.failed),
+                    "events": sent,
+                    "confirmed": len(confirmed),
+                    "failed": sent - len(confirmed),
                 },
             )
-        parts = split(result, owners, len(reservations))
         # Remembered before anything is cleared: a failed clear then costs no second copy.
         await self._state.journal_confirm(
             self.member_id,
             self.connector,
             {
-                r.process_id: [m.key for m in part.confirmed]
-                for r, part in zip(reservations, parts, strict=True)
+                r.process_id: result.proof
+                for r, result in zip(reservations, results, strict=True)
+                if result.proof is not None
             },
         )
         outcomes: list[_Outcome] = []
-        for index, (reservation, part) in enumerate(zip(reservations, parts, strict=True)):
+        for index, (reservation, result) in enumerate(zip(reservations, results, strict=True)):
             refused = malformed[index] + [
-                Refused(_row_of(reservation, m), reason) for m, reason in part.failed
+                Refused(_row_of(reservation, m), reason) for m, reason in result.failed
             ]
             due = self._poison.count(reservation.process_id, refused)
             parked = await self._poison.park(reservation.process_id, due) if due else []
             report.parked += len(due)
             complete = len(due) == len(refused)
-            cleared = list(part.confirmed)
-            names = [m.type for m in cleared] + [str(r.get("EVENT_NAME")) for r in already[index]]
-            keys = [m.key for m in cleared] + [str(r.get("MESSAGE_ID")) for r in already[index]]
             if complete and read_all:
                 self._poison.forget(reservation.process_id)
             unparkable = [i for i in due if str(i.row.get("MESSAGE_ID")) not in parked]
             if unparkable and complete:
                 self._abandoned.add(reservation.process_id)
             done = complete and read_all
-            if keys:
-                page = ConfirmedPage(reservation.process_id, tuple(keys), tuple(names), done)
-                outcomes.append(_Outcome(page, complete))
-            else:
-                outcomes.append(_Outcome(None, complete))
-                if done:
-                    await self._drop(reservation.process_id)
+            page = ConfirmedPage.of(reservation.process_id, result.proof, already[index], done=done)
+            outcomes.append(_Outcome(page, complete))
+            if page is None and done:
+                await self._drop(reservation.process_id)
         return outcomes
 
     def _warn_old(self, reservations: Sequence[Reservation], time_block: Mapping[str, Any]) -> None:

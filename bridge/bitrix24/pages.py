@@ -8,11 +8,11 @@ stamped rows it did not return would otherwise lose rows nobody read.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from bridge.amqp.publisher import OutgoingMessage, PublishResult
+from bridge.amqp.protocol import Confirmed
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,12 +24,36 @@ class Reservation:
 
 @dataclass(frozen=True, slots=True)
 class ConfirmedPage:
-    """Events of one reservation that may be cleared; ``done``: nothing else is left under it."""
+    """Events of one reservation that may be cleared; ``done``: nothing else is left under it.
+
+    Made with :meth:`of`, from the publisher's proof of this run and the journal's record of
+    earlier confirmations (which itself was written only from such proofs).
+    """
 
     process_id: str
     message_ids: tuple[str, ...]
     event_names: tuple[str, ...]
     done: bool
+
+    @classmethod
+    def of(
+        cls,
+        process_id: str,
+        proof: Confirmed | None,
+        recorded: Iterable[Mapping[str, Any]] = (),
+        *,
+        done: bool,
+    ) -> ConfirmedPage | None:
+        """The clearable part of a page (None when nothing was confirmed): the events ``proof``
+        confirmed now, and the rows (``recorded``) the journal says were confirmed before."""
+        keys = list(proof.keys) if proof is not None else []
+        names = list(proof.types) if proof is not None else []
+        for row in recorded:
+            keys.append(str(row.get("MESSAGE_ID")))
+            names.append(str(row.get("EVENT_NAME")))
+        if not keys:
+            return None
+        return cls(process_id, tuple(keys), tuple(names), done)
 
     def __post_init__(self) -> None:
         # An empty process_id selects every unreserved row (free and parked) of the queue.
@@ -43,31 +67,3 @@ class ConfirmedPage:
 
     def clear_params(self) -> dict[str, Any]:
         return {"process_id": self.process_id, "message_id": list(self.message_ids)}
-
-
-def confirmed_page(
-    process_id: str, confirmed: Sequence[OutgoingMessage], *, done: bool
-) -> ConfirmedPage | None:
-    """The clearable part of a page from what the broker confirmed (None when nothing was)."""
-    if not confirmed:
-        return None
-    return ConfirmedPage(
-        process_id=process_id,
-        message_ids=tuple(m.key for m in confirmed),
-        event_names=tuple(m.type for m in confirmed),
-        done=done,
-    )
-
-
-def split(result: PublishResult, owners: Mapping[int, int], pages: int) -> list[PublishResult]:
-    """One publisher result per page; ``owners`` maps ``id(message)`` to its page's index."""
-    confirmed: list[list[OutgoingMessage]] = [[] for _ in range(pages)]
-    failed: list[list[tuple[OutgoingMessage, str]]] = [[] for _ in range(pages)]
-    for message in result.confirmed:
-        confirmed[owners[id(message)]].append(message)
-    for message, reason in result.failed:
-        failed[owners[id(message)]].append((message, reason))
-    return [
-        PublishResult(confirmed=tuple(c), failed=tuple(f))
-        for c, f in zip(confirmed, failed, strict=True)
-    ]

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from bridge.amqp.publisher import PublishResult
+from bridge.amqp.protocol import PublishResult
 from bridge.diadoc.messages import DocflowEvent, MalformedEvent, Reject, index_key_of, parse_event
 
 MAX_LIMIT = 100  # GetDocflowEventsRequest.Limit: 1..100

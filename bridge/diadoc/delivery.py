@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from bridge.amqp.publisher import Publisher, PublishResult
+from bridge.amqp.protocol import Publisher, PublishResult
 from bridge.core.source import PassReport
 from bridge.diadoc.cursor import Page
 from bridge.diadoc.messages import DocflowEvent, Reject, to_message

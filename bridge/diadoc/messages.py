@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from bridge.amqp.publisher import OutgoingMessage
+from bridge.amqp.protocol import OutgoingMessage
 from bridge.diadoc.ticks import to_datetime
 
 UNKNOWN_TYPE = "unknown"

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from bridge.amqp.publisher import Publisher
+from bridge.amqp.protocol import Publisher
 from bridge.core.errors import NotConfirmed
 from bridge.core.source import PassReport
 from bridge.diadoc.client import DiadocClient

@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 
-from bridge.amqp.publisher import Publisher
+from bridge.amqp.protocol import Publisher
 from bridge.core.drainer import Drainer
 from bridge.core.source import Source
 from bridge.diadoc.auth import DiadocAuth
