@@ -254,7 +254,7 @@ async def _drain(settings: Settings) -> int:
     service = Service(settings, diadoc=load_diadoc_settings())
     try:
         await service.open(purpose="drain")
-        drainers = [s.drainer for s in service.sessions.values()] + service.feeds
+        drainers = service.drainers()
         if not drainers:
             log.warning("no portal or feed known: nothing to drain")
             return 0

@@ -1,56 +1,36 @@
-"""The running bridge: state, broker, HTTP client, and one drainer per portal.
+"""The running bridge: state, broker, HTTP client, and the source groups with their drainers.
 
 The HTTP layer (``bridge.app``) and the command line (``bridge.cli``) both drive this object;
-it owns every long-lived resource and closes them in reverse order.
+it owns every long-lived resource and closes them in reverse order. It knows the source groups
+only through :class:`~bridge.core.group.SourceGroup`; the Bitrix24 group is also kept by name
+(``bitrix24``) because the webhook talks to it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import time
-from dataclasses import dataclass, replace
 
 import httpx
-from aiolimiter import AsyncLimiter
 
 from bridge.amqp.publisher import AmqpPublisher
-from bridge.bitrix24.binding import bind_portal
-from bridge.bitrix24.bootstrap import bootstrap, store_grant
-from bridge.bitrix24.messages import Routing
 from bridge.bitrix24.oauth import OAuthClient
-from bridge.bitrix24.offline_queue import OfflineQueue
-from bridge.bitrix24.pacing import Pacer
-from bridge.bitrix24.upstream import PortalClient
+from bridge.bitrix24.portals import HTTP_TIMEOUT, SHUTDOWN_BOUND, Portals, PortalSession
 from bridge.core.drainer import Drainer
-from bridge.core.errors import BridgeError, TokenError, TransientError
+from bridge.core.group import SourceGroup
 from bridge.diadoc.settings import DiadocSettings
 from bridge.lock import StateLock
 from bridge.metrics import Metrics
 from bridge.settings import Settings
-from bridge.state import Portal, State
+from bridge.state import State
+
+__all__ = ["SHUTDOWN_BOUND", "STUCK_AFTER", "PortalSession", "Service"]
 
 log = logging.getLogger(__name__)
 
-SHUTDOWN_BOUND = 20.0
 STUCK_AFTER = 300.0
-HTTP_TIMEOUT = 65.0  # a request may run 60 s on the portal
-REPLAY = "replay"  # a request, left in the state file by `parked --replay`, for this process
-INSTALL_RATE, INSTALL_BURST = 1.0, 10  # install attempts per second, and in a burst
-_DUMMY_TOKEN = "0" * 32
-
-
-@dataclass(slots=True)
-class PortalSession:
-    client: PortalClient
-    queue: OfflineQueue
-    drainer: Drainer
-
-    @property
-    def portal(self) -> Portal:
-        return self.client.portal
 
 
 class Service:
@@ -88,15 +68,10 @@ class Service:
         )
         self.state: State | None = None
         self.lock = StateLock(settings.state_path)
-        self.sessions: dict[str, PortalSession] = {}
-        self._install_locks: dict[str, asyncio.Lock] = {}
-        self._portal_tasks: dict[str, set[asyncio.Task[None]]] = {}
-        self.binding_errors: dict[str, str] = {}
-        self.feeds: list[Drainer] = []  # polled sources (Diadoc boxes)
+        self._bitrix24: Portals | None = None
+        self.groups: list[SourceGroup] = []
         self.closing = False
         self.opened = False
-        self._installs = AsyncLimiter(INSTALL_BURST, INSTALL_BURST / INSTALL_RATE)
-        self._tasks: set[asyncio.Task[None]] = set()
         self._poller: asyncio.Task[None] | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -110,194 +85,48 @@ class Service:
         self.state = await State.open(self.settings.state_path, self.settings.state_keys)
         await self.publisher.start()
         self.metrics.broker_connected.set(1 if self.publisher.connected else 0)
-        await bootstrap(self.settings, self.state, self.oauth)
-        for portal in await self.state.portals():
-            self._session(portal)
+        state, publisher, metrics, http = self.state, self.publisher, self.metrics, self.http
+        self._bitrix24 = Portals(
+            self.settings,
+            state=state,
+            publisher=publisher,
+            metrics=metrics,
+            http=http,
+            oauth=self.oauth,
+        )
+        self.groups = [self._bitrix24]
         if self.diadoc is not None and self.diadoc.enabled:
-            from bridge.diadoc.wiring import diadoc_drainers
+            from bridge.diadoc.wiring import DiadocFeeds
 
-            self.feeds = diadoc_drainers(
-                self.diadoc,
-                state=self.state,
-                publisher=self.publisher,
-                metrics=self.metrics,
-                http=self.http,
+            feeds = DiadocFeeds(
+                self.diadoc, state=state, publisher=publisher, metrics=metrics, http=http
             )
+            self.groups.append(feeds)
+        for group in self.groups:
+            await group.open()
         self.opened = True
 
+    @property
+    def bitrix24(self) -> Portals:
+        """The Bitrix24 portals (the webhook's counterpart)."""
+        if self._bitrix24 is None:
+            raise RuntimeError("the service is not open")
+        return self._bitrix24
+
+    @property
+    def sessions(self) -> dict[str, PortalSession]:
+        return self.bitrix24.sessions if self._bitrix24 is not None else {}
+
+    def drainers(self) -> list[Drainer]:
+        return [drainer for group in self.groups for drainer in group.drainers()]
+
     async def start_draining(self) -> None:
-        for session in self.sessions.values():
-            session.drainer.start()
-        for feed in self.feeds:
-            feed.start()
+        if self._bitrix24 is not None:
+            self._bitrix24.running = True
+        for drainer in self.drainers():
+            drainer.start()
         if self.settings.poll_interval > 0:
             self._poller = asyncio.create_task(self._poll(), name="poll")
-
-    async def close(self, grace: float = SHUTDOWN_BOUND) -> None:
-        self.closing = True
-        if self._poller is not None:
-            self._poller.cancel()
-        deadline = time.monotonic() + grace
-        drainers = [s.drainer for s in self.sessions.values()] + self.feeds
-        await asyncio.gather(*(d.stop(max(0.1, deadline - time.monotonic())) for d in drainers))
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        # A refresh the OAuth server already answered must reach the state file.
-        await asyncio.gather(*(s.client.aclose() for s in self.sessions.values()))
-        with contextlib.suppress(Exception):
-            await self.publisher.close()
-        await self.http.aclose()
-        if self.state is not None:
-            await self.state.close()
-        self.lock.release()
-
-    def _spawn(self, coro: object, name: str, *, member_id: str | None = None) -> None:
-        task: asyncio.Task[None] = asyncio.create_task(coro, name=name)  # type: ignore[arg-type]
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        if member_id is not None:
-            # A portal's background work, cancelled when its session is replaced.
-            owned = self._portal_tasks.setdefault(member_id, set())
-            owned.add(task)
-            task.add_done_callback(owned.discard)
-
-    # -- portals -------------------------------------------------------------------------
-
-    def _session(self, portal: Portal) -> PortalSession:
-        assert self.state is not None
-        state = self.state
-        client = PortalClient(
-            portal,
-            http=self.http,
-            oauth=self.oauth,
-            save=state.save_portal,
-            load=state.portal,
-            metrics=self.metrics,
-            rate_limit=self.settings.rate_limit,
-            rate_burst=self.settings.rate_burst,
-            pacer=Pacer(limit=self.settings.operating_limit),
-        )
-        routing = Routing(
-            exchange_template=self.settings.exchange_template,
-            routing_key_template=self.settings.routing_key_template,
-            member_id=portal.member_id,
-            domain=portal.domain,
-            connector=self.settings.auth_connector,
-        )
-        queue = OfflineQueue(
-            client,
-            state=state,
-            publisher=self.publisher,
-            routing=routing,
-            metrics=self.metrics,
-            page_size=self.settings.page_size,
-            poison_attempts=self.settings.poison_attempts,
-            abandon_grace=HTTP_TIMEOUT + 10.0,
-        )
-        drainer = Drainer(queue, metrics=self.metrics, min_gap=1 / self.settings.rate_limit)
-        member_id = portal.member_id
-        drainer.on_stop = lambda reason: self._record_health(member_id, stop_reason=reason or "")
-        session = PortalSession(client=client, queue=queue, drainer=drainer)
-        self.sessions[portal.member_id] = session
-        self.metrics.add_portal(portal.domain)
-        return session
-
-    def _record_health(
-        self, member_id: str, *, stop_reason: str | None = None, binding_error: str | None = None
-    ) -> None:
-        """Write a portal's health to the state file, where ``status`` reads it."""
-        if self.state is None or self.closing:
-            return
-        self._spawn(
-            self.state.set_health(member_id, stop_reason=stop_reason, binding_error=binding_error),
-            f"health {member_id}",
-        )
-
-    def authenticate(self, member_id: str, application_token: str) -> PortalSession | None:
-        """Constant-time check of a notification's credentials against the stored portal."""
-        session = self.sessions.get(member_id)
-        expected = session.portal.application_token if session is not None else _DUMMY_TOKEN
-        token_ok = hmac.compare_digest(application_token.encode(), expected.encode())
-        member_ok = session is not None and hmac.compare_digest(
-            member_id.encode(), session.portal.member_id.encode()
-        )
-        if session is None or not (token_ok and member_ok) or not session.portal.active:
-            return None
-        return session
-
-    async def install(self, member_id: str, refresh_token: str, application_token: str) -> Portal:
-        """Register a portal after proving the install genuine with the OAuth server."""
-        # Each claimed install costs an OAuth request: unauthenticated, so it is rationed.
-        if not self._installs.has_capacity():
-            raise TransientError("install_rate", "too many install attempts; try again later")
-        await self._installs.acquire()
-        grant = await self.oauth.refresh(refresh_token)
-        if not hmac.compare_digest(grant.member_id.encode(), member_id.encode()):
-            raise TokenError(
-                "member_mismatch", "the OAuth answer names another portal", method="oauth"
-            )
-        allowed = self.settings.allowed_domains
-        if allowed and grant.domain not in allowed:
-            raise TokenError("domain_not_allowed", "the portal is not in BRIDGE_ALLOWED_DOMAINS")
-        # Installs of one portal one at a time: two at once would leave two drainers.
-        lock = self._install_locks.setdefault(grant.member_id, asyncio.Lock())
-        async with lock:
-            await self._retire(grant.member_id)
-            assert self.state is not None
-            portal = await store_grant(self.state, grant, application_token)
-            session = self._session(portal)
-            await self.state.set_health(portal.member_id, stop_reason="", binding_error="")
-            if self.settings.events or self.settings.public_url:
-                self._spawn(
-                    self._bind(session), f"bind {portal.domain}", member_id=portal.member_id
-                )
-            if not self.closing:
-                session.drainer.start()
-        log.info("portal installed", extra={"portal": portal.domain, "member_id": portal.member_id})
-        return portal
-
-    async def _retire(self, member_id: str) -> None:
-        """Stop a portal's session and everything it runs in the background."""
-        old = self.sessions.pop(member_id, None)
-        tasks = list(self._portal_tasks.pop(member_id, ()))
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        if old is not None:
-            await old.drainer.stop(SHUTDOWN_BOUND)
-            await old.client.aclose()
-
-    async def _bind(self, session: PortalSession) -> None:
-        member_id, domain = session.portal.member_id, session.portal.domain
-        try:
-            await bind_portal(session.client, self.settings)
-        except BridgeError as exc:
-            reason = str(exc)
-            self.binding_errors[member_id] = reason
-            self.metrics.binding_failed.labels(portal=domain).set(1)
-            self._record_health(member_id, binding_error=reason)
-            log.error("binding events failed", extra={"portal": domain, "reason": reason})
-            return
-        self.binding_errors.pop(member_id, None)
-        self.metrics.binding_failed.labels(portal=domain).set(0)
-
-    async def uninstall(self, session: PortalSession) -> None:
-        assert self.state is not None
-        member_id = session.portal.member_id
-        if self.sessions.get(member_id) is session:
-            await self._retire(member_id)
-        else:
-            await session.drainer.stop(SHUTDOWN_BOUND)
-        await self.state.uninstall(member_id)
-        session.client.portal = replace(
-            session.portal, status="uninstalled", access_token="", refresh_token=""
-        )
-        log.info(
-            "portal uninstalled", extra={"portal": session.portal.domain, "member_id": member_id}
-        )
-
-    # -- periodic work -------------------------------------------------------------------
 
     async def _poll(self) -> None:
         interval = self.settings.poll_interval
@@ -306,66 +135,33 @@ class Service:
             await self.poll_once()
 
     async def poll_once(self) -> None:
-        """One poll tick: requests left in the state file, new tokens, safety drains, depth."""
-        await self._take_requests()
-        for session in list(self.sessions.values()):
-            if session.drainer.stopped is not None:
-                await self._look_for_new_token(session)
-            session.drainer.tick()
-            if session.drainer.stopped is None:
-                self._spawn(self._observe(session), f"observe {session.portal.domain}")
+        """One poll tick of every group."""
+        for group in self.groups:
+            await group.poll()
 
-    async def _take_requests(self) -> None:
-        assert self.state is not None
-        try:
-            wanted = await self.state.take_requests(REPLAY)
-        except BridgeError as exc:
-            log.warning("requests in the state file unreadable", extra={"reason": str(exc)})
-            return
-        for member_id in wanted:
-            session = self.sessions.get(member_id)
-            if session is None:
-                continue
-            session.queue.replay_requested = True
-            log.info("replay of parked events requested", extra={"portal": session.portal.domain})
-            session.drainer.resume()
-            session.drainer.notify(None)
-
-    async def _look_for_new_token(self, session: PortalSession) -> None:
-        """A portal stopped for its token comes back when the state file holds a newer one."""
-        assert self.state is not None
-        try:
-            stored = await self.state.portal(session.portal.member_id)
-        except BridgeError:
-            return
-        current = session.client.portal
-        if stored is None or not stored.refresh_token or not stored.active:
-            return
-        if stored.refresh_token != current.refresh_token:
-            session.client.portal = replace(
-                current,
-                access_token=stored.access_token,
-                refresh_token=stored.refresh_token,
-                expires_at=stored.expires_at,
-            )
-            session.drainer.resume()
-
-    async def _observe(self, session: PortalSession) -> None:
-        try:
-            await session.queue.observe()
-        except BridgeError as exc:
-            log.info(
-                "queue depth unavailable",
-                extra={"portal": session.portal.domain, "reason": str(exc)},
-            )
-        except Exception:
-            log.exception("queue depth check failed", extra={"portal": session.portal.domain})
+    async def close(self, grace: float = SHUTDOWN_BOUND) -> None:
+        self.closing = True
+        if self._poller is not None:
+            self._poller.cancel()
+        deadline = time.monotonic() + grace
+        if self._bitrix24 is not None:
+            self._bitrix24.closing = True  # no install starts a drainer any more
+        drainers = self.drainers()
+        await asyncio.gather(*(d.stop(max(0.1, deadline - time.monotonic())) for d in drainers))
+        for group in self.groups:
+            await group.close()
+        with contextlib.suppress(Exception):
+            await self.publisher.close()
+        await self.http.aclose()
+        if self.state is not None:
+            await self.state.close()
+        self.lock.release()
 
     # -- health --------------------------------------------------------------------------
 
     def liveness(self) -> str | None:
         now = time.monotonic()
-        for d in [s.drainer for s in self.sessions.values()] + self.feeds:
+        for d in self.drainers():
             if not d.alive and not self.closing:
                 return f"drain loop of {d.source.name} is not running"
             # A long pass that keeps moving pages is alive: only a pass without any progress
@@ -375,20 +171,8 @@ class Service:
         return None
 
     def portal_health(self) -> list[dict[str, object]]:
-        """Per portal: draining or stopped (and why), binding problems. For /readyz and status."""
-        out: list[dict[str, object]] = []
-        for session in self.sessions.values():
-            entry: dict[str, object] = {
-                "portal": session.portal.domain,
-                "state": "stopped" if session.drainer.stopped else "draining",
-            }
-            if session.drainer.stopped:
-                entry["reason"] = session.drainer.stopped
-            binding = self.binding_errors.get(session.portal.member_id)
-            if binding:
-                entry["binding_error"] = binding
-            out.append(entry)
-        return out
+        """Every group's health: one entry per portal or box (the ``/readyz`` detail)."""
+        return [entry for group in self.groups for entry in group.health()]
 
     def readiness(self) -> str | None:
         """Why this process cannot take notifications and publish now; None when it can.

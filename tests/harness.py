@@ -24,6 +24,7 @@ from bridge.emulators.bitrix24 import EmulatorConfig, EmulatorServer
 from bridge.server import Server
 from bridge.service import Service
 from bridge.settings import load_settings
+from bridge.state import Portal as PortalRecord
 
 
 def free_port() -> int:
@@ -245,3 +246,25 @@ async def until(predicate: Callable[[], Awaitable[Any]], what: str, timeout: flo
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.05)
+
+
+async def attach_portals(service: Service, *portals: PortalRecord) -> None:
+    """Open a service's state and its Bitrix24 group by hand (no broker, no bootstrap), with
+    ``portals`` stored and their sessions made: for webhook tests through an ASGI transport."""
+    from bridge.bitrix24.portals import Portals
+    from bridge.state import State
+
+    service.state = await State.open(service.settings.state_path)
+    group = Portals(
+        service.settings,
+        state=service.state,
+        publisher=service.publisher,
+        metrics=service.metrics,
+        http=service.http,
+        oauth=service.oauth,
+    )
+    service._bitrix24 = group
+    service.groups = [group]
+    for portal in portals:
+        await service.state.save_portal(portal)
+        group._session(portal)

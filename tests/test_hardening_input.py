@@ -37,8 +37,7 @@ from bridge.emulators.bitrix24 import EmulatorConfig, EmulatorServer
 from bridge.service import Service
 from bridge.settings import load_settings
 from bridge.state import Portal as StoredPortal
-from bridge.state import State
-from tests.harness import Portal, bridge_env, bridge_in_process, free_port
+from tests.harness import Portal, attach_portals, bridge_env, bridge_in_process, free_port
 
 # CI stays fast by default; HYPOTHESIS_PROFILE=thorough digs deeper.
 settings.register_profile(
@@ -251,9 +250,7 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
     service = Service(settings_, transport=httpx.MockTransport(upstream))
 
     async def setup() -> httpx.AsyncClient:
-        service.state = await State.open(settings_.state_path)
-        await service.state.save_portal(STORED)
-        service._session(STORED)
+        await attach_portals(service, STORED)
         app = create_app(settings_, service=service)
         # raise_app_exceptions=False: a crash must show up as the 500 a real server would send.
         transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)

@@ -12,7 +12,7 @@ import httpx
 from bridge.core.drainer import Drainer
 from bridge.core.source import PassReport
 from bridge.metrics import Metrics
-from bridge.service import STUCK_AFTER, PortalSession, Service
+from bridge.service import STUCK_AFTER, Service
 from bridge.settings import load_settings
 from tests.harness import bridge_env
 
@@ -38,7 +38,9 @@ async def test_concurrent_installs_leave_one_drainer_and_close_stops_it(
         for _ in range(4):
             app = await portal.app()  # a fresh refresh token for each install
             installs.append(
-                service.install(app["member_id"], app["refresh_token"], app["application_token"])
+                service.bitrix24.install(
+                    app["member_id"], app["refresh_token"], app["application_token"]
+                )
             )
         await asyncio.gather(*installs)
         assert len(service.sessions) == 1
@@ -47,6 +49,28 @@ async def test_concurrent_installs_leave_one_drainer_and_close_stops_it(
         await service.close()
     assert _drain_tasks() == []
     assert [t for t in asyncio.all_tasks() if t.get_name().startswith("bind ")] == []
+
+
+class OneDrainer:
+    """A source group of one drainer."""
+
+    def __init__(self, drainer: Drainer) -> None:
+        self.drainer = drainer
+
+    async def open(self) -> None:
+        return None
+
+    def drainers(self) -> list[Drainer]:
+        return [self.drainer]
+
+    async def poll(self) -> None:
+        return None
+
+    def health(self) -> list[dict[str, object]]:
+        return []
+
+    async def close(self) -> None:
+        return None
 
 
 class SlowSource:
@@ -81,7 +105,7 @@ async def test_a_long_pass_that_keeps_moving_is_alive_one_that_stalls_is_not(
     service = Service(settings)
     source = SlowSource()
     drainer = Drainer(source, metrics=Metrics())
-    service.sessions["m"] = PortalSession(client=None, queue=None, drainer=drainer)  # type: ignore[arg-type]
+    service.groups = [OneDrainer(drainer)]
     drainer.start()
     try:
         await asyncio.sleep(0.05)
@@ -114,7 +138,7 @@ async def test_readyz_reports_a_failed_binding_and_status_shows_it(
             fail_with={"event.bind": {"error": "ERROR_WRONG_HANDLER_URL", "count": 1}}
         )
         app = await portal.app()
-        await bridge.service.install(
+        await bridge.service.bitrix24.install(
             app["member_id"], app["refresh_token"], app["application_token"]
         )
         async with httpx.AsyncClient() as http:

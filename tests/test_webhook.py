@@ -8,9 +8,11 @@ import pytest
 
 from bridge.app import create_app
 from bridge.bitrix24 import phpquery, webhook
-from bridge.service import PortalSession, Service
+from bridge.bitrix24.portals import PortalSession
+from bridge.service import Service
 from bridge.settings import load_settings
-from bridge.state import Portal, State
+from bridge.state import Portal
+from tests.harness import attach_portals
 
 APP_TOKEN = "a" * 32
 MEMBER = "m" * 32
@@ -46,9 +48,8 @@ async def rig(tmp_path: Path) -> AsyncIterator[tuple[httpx.AsyncClient, Service,
     )
     upstream = NoUpstream()
     service = Service(settings, transport=httpx.MockTransport(upstream))
-    service.state = await State.open(settings.state_path)
-    await service.state.save_portal(PORTAL)
-    service._session(PORTAL)
+    await attach_portals(service, PORTAL)
+    assert service.state is not None
     app = create_app(settings, service=service)
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://bridge") as client:

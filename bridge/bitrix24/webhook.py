@@ -149,20 +149,20 @@ async def handle(request: Request, service: Service) -> Response:
         auth = _auth(data)
         member_id = _text(auth, "member_id")
         if event in ("ONOFFLINEEVENT", "ONAPPUNINSTALL"):
-            session = service.authenticate(member_id, _text(auth, "application_token"))
+            session = service.bitrix24.authenticate(member_id, _text(auth, "application_token"))
             if session is None:
                 raise Refused(401, "unauthorized", "unauthorized")
             if event == "ONOFFLINEEVENT":
                 session.drainer.notify(_ts(data))
             else:
-                await service.uninstall(session)
+                await service.bitrix24.uninstall(session)
         elif event == "ONAPPINSTALL":
             refresh = _text(auth, "refresh_token")
             app_token = _text(auth, "application_token")
             if not (member_id and refresh and app_token):
                 raise Refused(401, "unauthorized", "unauthorized")
             try:
-                await service.install(member_id, refresh, app_token)
+                await service.bitrix24.install(member_id, refresh, app_token)
             except TokenError:
                 raise Refused(401, "unauthorized", "unauthorized") from None
             except BridgeError:

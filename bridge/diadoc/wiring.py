@@ -1,4 +1,4 @@
-"""Plugging the Diadoc source into the service: one self-polling drainer per box, and status."""
+"""The Diadoc source group: one self-polling drainer per box, and its status."""
 
 from __future__ import annotations
 
@@ -128,6 +128,56 @@ def diadoc_drainers(
         )
         drainers.append(PolledDrainer(feed, metrics=metrics, interval=settings.poll_interval))
     return drainers
+
+
+class DiadocFeeds:
+    """The source group the service runs: the configured boxes, each polled by its drainer."""
+
+    def __init__(
+        self,
+        settings: DiadocSettings,
+        *,
+        state: State,
+        publisher: Publisher,
+        metrics: Metrics,
+        http: httpx.AsyncClient,
+    ) -> None:
+        self._settings = settings
+        self._state = state
+        self._publisher = publisher
+        self._metrics = metrics
+        self._http = http
+        self._drainers: list[Drainer] = []
+
+    async def open(self) -> None:
+        self._drainers = diadoc_drainers(
+            self._settings,
+            state=self._state,
+            publisher=self._publisher,
+            metrics=self._metrics,
+            http=self._http,
+        )
+
+    def drainers(self) -> list[Drainer]:
+        return list(self._drainers)
+
+    async def poll(self) -> None:
+        return None  # each box's drainer ticks itself
+
+    def health(self) -> list[dict[str, object]]:
+        out: list[dict[str, object]] = []
+        for drainer in self._drainers:
+            entry: dict[str, object] = {
+                "box": drainer.source.name,
+                "state": "stopped" if drainer.stopped else "draining",
+            }
+            if drainer.stopped:
+                entry["reason"] = drainer.stopped
+            out.append(entry)
+        return out
+
+    async def close(self) -> None:
+        return None  # the drainers' stop settles the token renewal
 
 
 async def diadoc_status(settings: DiadocSettings, state: State) -> list[dict[str, Any]]:
