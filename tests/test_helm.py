@@ -771,6 +771,9 @@ def test_alert_rules_cover_the_failure_modes(
         "Bitrix24BridgeEventsParked": {"bitrix24_bridge_events_parked_total"},
         # Diadoc is on in the full values.
         "Bitrix24BridgeDiadocFeedLagging": {"bitrix24_bridge_diadoc_lag_seconds"},
+        "Bitrix24BridgeDiadocMalformedEvents": {"bitrix24_bridge_diadoc_malformed_events_total"},
+        "Bitrix24BridgeDiadocTieOverflow": {"bitrix24_bridge_diadoc_tie_overflows_total"},
+        "Bitrix24BridgeDiadocApiSunset": {"bitrix24_bridge_diadoc_api_sunset_timestamp_seconds"},
     }
     # Prometheus's own template syntax survives Helm's rendering.
     assert "{{ $labels.portal }}" in json.dumps(rules)
