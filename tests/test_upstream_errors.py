@@ -105,3 +105,30 @@ async def test_an_injected_code_stops_or_not_the_running_portal(
         else:
             await collector.wait_for(10, timeout=30)
             assert session.drainer.stopped is None
+
+
+async def test_a_banned_method_is_probed_once_a_minute_until_the_ban_ends(
+    emulated, amqp_ns, tmp_path: Path
+) -> None:
+    # LoadLimiter v2 bans a method for a fixed time; every call meanwhile is refused and the
+    # refusal says nothing about when it ends. The bridge waits, probing at most once a minute.
+    _server, portal, port = emulated
+    collector = await amqp_ns.consume(amqp_ns.exchange("oncrmleadadd"))
+    env = await bridge_env(portal, amqp_ns, tmp_path / "state.sqlite3", BRIDGE_HTTP_PORT=str(port))
+    async with bridge_in_process(env) as bridge:
+        session = next(iter(bridge.service.sessions.values()))
+        await session.drainer.idle.wait()
+        await portal.http.post(
+            "/_emulator/operating", json={"method": "event.offline.get", "ban": 30}
+        )
+        await portal.generate("ONCRMLEADADD", 50)
+        await collector.wait_for(50, timeout=120)
+        stats = await portal.stats()
+        assert session.drainer.stopped is None
+    # One request met the ban (all its reservations refused); the probe a minute later found
+    # the 30 s ban over. Hammering would show as many refused requests.
+    bans = bridge.service.metrics.registry.get_sample_value(
+        "bitrix24_bridge_operating_bans_total", {"method": "event.offline.get"}
+    )
+    assert bans == 1
+    assert 1 <= stats["errors"]["OPERATION_TIME_LIMIT"] <= 25  # one batch of reservations
