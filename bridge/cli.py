@@ -147,15 +147,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     # The emulator and the demo have options of their own.
-    if args_list and args_list[0] == "emulator":
-        from bridge.emulators.bitrix24.cli import main as emulator_main
-
-        return emulator_main(args_list[1:])
-    if args_list and args_list[0] == "demo":
-        from bridge.demo import main as demo_main
-
-        demo_status: int = demo_main(args_list[1:])
-        return demo_status
+    if args_list and args_list[0] in ("emulator", "demo"):
+        return _development_command(args_list[0], args_list[1:])
     args = _parser().parse_args(args_list)
     try:
         settings = load_settings()
@@ -183,6 +176,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     raise AssertionError(args.command)  # pragma: no cover - argparse rejects other commands
+
+
+def _development_command(name: str, argv: list[str]) -> int:
+    """The emulator and the demo: in the Python package, left out of the container image."""
+    try:
+        if name == "emulator":
+            from bridge.emulators.bitrix24.cli import main as emulator
+
+            return emulator(argv)
+        from bridge.demo import main as demo
+
+        status: int = demo(argv)
+        return status
+    except ModuleNotFoundError as exc:
+        if not (exc.name or "").startswith(("bridge.emulators", "bridge.demo")):
+            raise
+        print(
+            f"bitrix24-bridge: error: '{name}' is not part of this installation (the image "
+            "leaves the emulators and the demo out; pip install bitrix24-bridge has them)",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
 
 
 def _run(coro: Any) -> int:

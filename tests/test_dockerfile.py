@@ -169,6 +169,16 @@ def test_dockerignore_keeps_the_context_small_and_clean() -> None:
         assert (ROOT / source).exists(), f"the builder copies {source}, which is missing"
 
 
+DEVELOPMENT_ONLY = ("bridge/emulators", "bridge/demo.py")
+
+
+def test_the_emulators_and_the_demo_stay_out_of_the_image() -> None:
+    patterns = {line.strip() for line in DOCKERIGNORE.read_text().splitlines()}
+    assert set(DEVELOPMENT_ONLY) <= patterns
+    for path in DEVELOPMENT_ONLY:
+        assert (ROOT / path).exists(), f"{path} moved: update .dockerignore"
+
+
 def builder_sources() -> list[str]:
     sources: list[str] = []
     for keyword, args in stages()[1]:
@@ -210,6 +220,13 @@ def test_installed_wheel_serves_and_stops_on_sigterm(tmp_path: Path, amqp_url: s
             )
         else:
             shutil.copy2(ROOT / source, context / source)
+    # What .dockerignore leaves out of the build context is not there either.
+    for pattern in DEVELOPMENT_ONLY:
+        target = context / pattern
+        if target.is_dir():
+            shutil.rmtree(target)
+        else:
+            target.unlink()
     wheels, venv = tmp_path / "wheels", tmp_path / "venv"
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
     subprocess.run(
@@ -280,6 +297,24 @@ def test_installed_wheel_serves_and_stops_on_sigterm(tmp_path: Path, amqp_url: s
             proc.wait()
     assert returncode == 0, log.read_text()
     assert (state_dir / "state.sqlite3").exists()
+
+    # The image carries no emulator and no demo; asking for them is one clear line.
+    site = next((venv / "lib").glob("python3*/site-packages"))
+    assert (site / "bridge" / "bitrix24").is_dir()
+    assert not (site / "bridge" / "emulators").exists()
+    assert not (site / "bridge" / "demo.py").exists()
+    for command in ("emulator", "demo"):
+        done = subprocess.run(
+            [str(venv / "bin" / "bitrix24-bridge"), command],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 2, done.stderr
+        assert "not part of this installation" in done.stderr
+        assert "Traceback" not in done.stderr
 
 
 def test_builder_installs_the_locked_requirements_with_hashes() -> None:
