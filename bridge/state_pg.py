@@ -56,9 +56,13 @@ class PgState(PgRecords):
             name="bridge-state",
         )
         try:
-            await pool.open(wait=True, timeout=15)
-            async with pool.connection() as conn:
+            # One direct connection first: a wrong URL fails at once with the server's reason,
+            # where the pool would keep retrying until its timeout.
+            async with await psycopg.AsyncConnection.connect(
+                url, autocommit=True, connect_timeout=10
+            ) as conn:
                 await migrate(conn)
+            await pool.open(wait=True, timeout=15)
         except (psycopg.Error, OSError) as exc:
             await pool.close()
             raise StateError(

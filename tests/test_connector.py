@@ -18,8 +18,7 @@ from tests.harness import bridge_env, bridge_in_process
 
 def _events(prefix: str, count: int) -> list[dict[str, Any]]:
     return [
-        {"event": "ONCRMLEADADD", "data": {"FIELDS": {"ID": f"{prefix}-{n}"}}}
-        for n in range(count)
+        {"event": "ONCRMLEADADD", "data": {"FIELDS": {"ID": f"{prefix}-{n}"}}} for n in range(count)
     ]
 
 

@@ -9,10 +9,13 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import psycopg
 import pytest
 from yarl import URL
+
+from tests.state_backends import Backend, PostgresBackend, SqliteBackend
 
 PG_URL = os.environ.get("BRIDGE_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 
@@ -56,3 +59,11 @@ def pg_url(pg_database: str) -> Iterator[str]:
     finally:
         with _admin(pg_database) as admin:
             admin.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def state_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    """Each state test runs on the SQLite file and on PostgreSQL."""
+    if request.param == "sqlite":
+        return SqliteBackend(tmp_path / "state.sqlite3")
+    return PostgresBackend(request.getfixturevalue("pg_url"))
