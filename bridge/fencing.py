@@ -1,8 +1,4 @@
-"""Which shard a portal belongs to, and the proof a replica shows before it writes for one.
-
-A portal's shard is ``zlib.crc32(member_id as UTF-8) mod BRIDGE_SHARDS``: CRC-32 is the same in
-every process and release (Python's ``hash()`` is salted per process), and spreads Bitrix24's
-32-hex-digit member ids evenly enough for a few hundred shards.
+"""The proof a replica shows before it acts or writes for a shard.
 
 A :class:`Fence` is a replica's claim on one shard at one epoch. It is valid while the lease
 manager still holds that shard at that epoch and its local deadline (last successful renewal +
@@ -13,7 +9,6 @@ journal or cursor write made by a replica that was taken over is refused, not ap
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -21,12 +16,6 @@ from typing import Any
 import psycopg
 
 from bridge.errors import LeaseLost
-
-
-def shard_of(member_id: str, shards: int) -> int:
-    if shards < 1:
-        raise ValueError("shards must be at least 1")
-    return zlib.crc32(member_id.encode()) % shards
 
 
 @dataclass(frozen=True, slots=True)

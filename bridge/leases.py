@@ -4,9 +4,7 @@ Each shard is a row of ``leases`` (holder, epoch, expiry from the database clock
 ``renew_every`` seconds a replica heartbeats in ``replicas`` and renews all of its leases in one
 statement, then evens out: it hands over shards above its fair share and claims free or expired
 ones up to it (``FOR UPDATE SKIP LOCKED``; each takeover adds 1 to the epoch). The fair share
-ranks the live replicas by id: of ``N`` shards over ``R`` replicas the first ``N mod R`` take
-``ceil(N/R)`` and the others ``floor(N/R)``, so counts end within ±1 of each other (a bare
-``ceil`` cap could leave 22/22/20).
+is ``bridge.shards.fair_target``: at most ``ceil(N/R)``, counts within ±1 of each other.
 
 Fencing: a shard's local deadline is the monotonic time at which its last successful renewal
 was *sent*, plus the TTL. The database computed the lease's expiry later than that, so by the
@@ -20,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,46 +26,14 @@ import psycopg
 
 from bridge.errors import ConfigError, LeaseLost, StateError
 from bridge.fencing import Fence
+from bridge.lease_sql import CLAIM, COUNTS, FREE, RELEASE, RENEW
+from bridge.pg_link import LINK_ERRORS, Conn, PgLink
 from bridge.pg_schema import describe, migrate
+from bridge.shards import fair_target
 
 log = logging.getLogger(__name__)
 
 ShardEvent = Callable[[int, int], Awaitable[None]]  # (shard, epoch)
-Conn = psycopg.AsyncConnection[Any]
-
-_RENEW = """
-WITH beat AS (
-    INSERT INTO replicas VALUES (%(me)s, %(n)s, now() + %(ttl)s * interval '1 second')
-    ON CONFLICT (replica_id) DO UPDATE SET shards = excluded.shards,
-        expires_at = excluded.expires_at
-)
-UPDATE leases SET expires_at = now() + %(ttl)s * interval '1 second'
-WHERE holder = %(me)s AND expires_at > now()
-    AND (shard, epoch) IN (SELECT * FROM unnest(%(shards)s::int[], %(epochs)s::bigint[]))
-RETURNING shard, epoch
-"""
-_CLAIM = """
-WITH free AS (
-    SELECT shard FROM leases
-    WHERE shard < %(n)s AND NOT shard = ANY(%(mine)s::int[])
-        AND (holder = '' OR holder = %(me)s OR expires_at <= now())
-    ORDER BY shard LIMIT %(need)s FOR UPDATE SKIP LOCKED
-)
-UPDATE leases l SET holder = %(me)s, epoch = l.epoch + 1,
-    expires_at = now() + %(ttl)s * interval '1 second'
-FROM free WHERE l.shard = free.shard
-RETURNING l.shard, l.epoch
-"""
-_RELEASE = (
-    "UPDATE leases SET holder = '', expires_at = '-infinity' "
-    "WHERE holder = %s AND shard = ANY(%s::int[])"
-)
-
-
-def fair_share(shards: int, live: Iterable[str], me: str) -> int:
-    ranked = sorted({*live, me})
-    base, extra = divmod(shards, len(ranked))
-    return base + (1 if ranked.index(me) < extra else 0)
 
 
 @dataclass(slots=True)
@@ -94,15 +60,13 @@ class LeaseManager:
             raise ConfigError("leases need shards ≥ 1, 0 < renew_every < ttl and a replica id")
         self.replica_id = replica_id
         self.shards, self.ttl, self.renew_every = shards, ttl, renew_every
-        self.op_timeout = op_timeout or max(renew_every, ttl / 3)
-        self._url, self._clock = url, clock
+        self._link = PgLink(url, op_timeout or max(renew_every, ttl / 3))
+        self._clock = clock
         self._on_gained, self._on_lost = on_gained, on_lost
         self._held: dict[int, _Held] = {}
         self._leaving: set[int] = set()
-        self._conn: Conn | None = None
         self._io = asyncio.Lock()
         self._loop_task: asyncio.Task[None] | None = None
-        self._background: set[asyncio.Task[Any]] = set()
         self._timer: asyncio.TimerHandle | None = None
         self.failed_rounds = 0  # rounds that could not reach the database
 
@@ -139,15 +103,14 @@ class LeaseManager:
         """Join: schema, lease rows, a check that all replicas agree on the shard count."""
         async with self._io:
             try:
-                await self._bounded(self._join())
+                await self._link.run(self._join)
             except (psycopg.Error, OSError, TimeoutError) as exc:
-                await self._drop_connection()
-                raise StateError(f"cannot join the leases: {describe(exc, self._url)}") from exc
+                await self._link.close()
+                raise StateError(f"cannot join the leases: {self._describe(exc)}") from exc
         await self.tick()
         self._loop_task = asyncio.create_task(self._run(), name=f"leases-{self.replica_id}")
 
-    async def _join(self) -> None:
-        conn = await self._connection()
+    async def _join(self, conn: Conn) -> None:
         await migrate(conn)
         await conn.execute(
             "INSERT INTO leases (shard) SELECT generate_series(0, %s - 1) ON CONFLICT DO NOTHING",
@@ -175,11 +138,10 @@ class LeaseManager:
         """One round: heartbeat and renew, hand over above the fair share, claim up to it."""
         async with self._io:
             try:
-                await self._bounded(self._round())
-            except (psycopg.Error, OSError, TimeoutError, StateError) as exc:
+                await self._link.run(self._round)
+            except LINK_ERRORS as exc:
                 self.failed_rounds += 1
-                log.warning("lease round failed", extra={"reason": describe(exc, self._url)})
-                await self._drop_connection()
+                log.warning("lease round failed", extra={"reason": self._describe(exc)})
         self._expire()
 
     async def release_all(self) -> None:
@@ -191,12 +153,13 @@ class LeaseManager:
             self._loop_task = None
         await self._hand_over(set(self._held))
         async with self._io:
-            with contextlib.suppress(psycopg.Error, OSError, TimeoutError, StateError):
-                conn = await self._connection()
-                await self._bounded(
-                    conn.execute("DELETE FROM replicas WHERE replica_id = %s", (self.replica_id,))
-                )
+            # Gone from the fair share at once, not after the heartbeat lapses.
+            with contextlib.suppress(*LINK_ERRORS):
+                await self._link.run(self._leave)
         await self.halt()
+
+    async def _leave(self, conn: Conn) -> None:
+        await conn.execute("DELETE FROM replicas WHERE replica_id = %s", (self.replica_id,))
 
     async def halt(self) -> None:
         """Stop renewing and disconnect without handing anything over (what a crash leaves)."""
@@ -207,19 +170,17 @@ class LeaseManager:
             self._loop_task = None
         if self._timer is not None:
             self._timer.cancel()
-        await self._drop_connection()
-        if self._background:
-            await asyncio.wait(self._background, timeout=self.ttl + 10)
+        await self._link.drain(within=self.ttl + 10)
+        await self._link.close()
 
     # -- one round -----------------------------------------------------------------------
 
-    async def _round(self) -> None:
-        conn = await self._connection()
+    async def _round(self, conn: Conn) -> None:
         self._expire()
         mine = sorted(self._held)
         sent = self._clock()
         cur = await conn.execute(
-            _RENEW,
+            RENEW,
             {
                 "me": self.replica_id,
                 "n": self.shards,
@@ -234,15 +195,19 @@ class LeaseManager:
                 self._held[shard].deadline = sent + self.ttl
             else:
                 self._lose(shard)
-        cur = await conn.execute("SELECT replica_id FROM replicas WHERE expires_at > now()")
-        target = fair_share(self.shards, [r[0] for r in await cur.fetchall()], self.replica_id)
         staying = sorted(set(self._held) - self._leaving)
+        names = {"n": self.shards, "me": self.replica_id, "mine": sorted(self._held)}
+        cur = await conn.execute(COUNTS, names)
+        others = {r[0]: int(r[1]) for r in await cur.fetchall()}
+        cur = await conn.execute(FREE, names)
+        row = await cur.fetchone()
+        target = fair_target(self.shards, others, len(staying), int(row[0]) if row else 0)
         if len(staying) > target:
             self._spawn(self._hand_over(set(staying[target:])))
         elif len(staying) < target:
             sent = self._clock()
             cur = await conn.execute(
-                _CLAIM,
+                CLAIM,
                 {
                     "n": self.shards,
                     "mine": sorted(self._held),
@@ -276,11 +241,12 @@ class LeaseManager:
                 log.warning("shard hand-over callback failed", extra={"reason": repr(error)})
         async with self._io:
             try:
-                conn = await self._connection()
-                await self._bounded(conn.execute(_RELEASE, (self.replica_id, sorted(epochs))))
-            except (psycopg.Error, OSError, TimeoutError, StateError) as exc:
+                await self._link.run(
+                    lambda c: c.execute(RELEASE, (self.replica_id, sorted(epochs)))
+                )
+            except LINK_ERRORS as exc:
                 # Not released: the leases lapse after the TTL instead.
-                log.warning("shard release failed", extra={"reason": describe(exc, self._url)})
+                log.warning("shard release failed", extra={"reason": self._describe(exc)})
             for shard in epochs:
                 self._held.pop(shard, None)
                 log.info("shard handed over", extra={"shard": shard})
@@ -310,43 +276,7 @@ class LeaseManager:
     # -- plumbing ------------------------------------------------------------------------
 
     def _spawn(self, work: Awaitable[Any]) -> None:
-        task = asyncio.ensure_future(work)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._link.spawn(work)
 
-    async def _bounded(self, work: Awaitable[Any]) -> Any:
-        """Run ``work`` with ``op_timeout``; on timeout the connection is abandoned, not awaited:
-        cancelling a query on a dead link can take psycopg seconds of its own."""
-        task = asyncio.ensure_future(work)
-        done, _ = await asyncio.wait({task}, timeout=self.op_timeout)
-        if not done:
-            task.cancel()
-            self._spawn(_bury(task, self._conn))
-            self._conn = None
-            raise TimeoutError(f"the database did not answer within {self.op_timeout:g} s")
-        return task.result()
-
-    async def _connection(self) -> Conn:
-        if self._conn is None or self._conn.closed:
-            try:
-                self._conn = await psycopg.AsyncConnection.connect(
-                    self._url, autocommit=True, connect_timeout=max(1, int(self.op_timeout))
-                )
-            except psycopg.Error as exc:
-                raise StateError(describe(exc, self._url)) from exc
-        return self._conn
-
-    async def _drop_connection(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            with contextlib.suppress(psycopg.Error, OSError):
-                await conn.close()
-
-
-async def _bury(task: asyncio.Future[Any], conn: Conn | None) -> None:
-    """Let an abandoned query finish its own cancellation, then close its connection."""
-    with contextlib.suppress(Exception, asyncio.CancelledError):
-        await task
-    if conn is not None:
-        with contextlib.suppress(psycopg.Error, OSError):
-            await conn.close()
+    def _describe(self, exc: BaseException) -> str:
+        return describe(exc, self._link.url)
