@@ -34,14 +34,14 @@ class SqliteBackend:
                 data += side.read_bytes()
         return data
 
-    async def refuse(self, table: str, key: str | None = None) -> None:
+    async def refuse(self, table: str, key: str | None = None, message: str = "refused") -> None:
         """Inserts and updates of ``table`` (rows whose ``key`` column is ``key``) fail."""
         when = f"WHEN NEW.key = '{key}' " if key else ""
         with sqlite3.connect(self.path) as conn:
             for op in ("INSERT", "UPDATE"):
                 conn.execute(
                     f"CREATE TRIGGER refuse_{op.lower()} BEFORE {op} ON {table} {when}"
-                    "BEGIN SELECT RAISE(ABORT, 'refused'); END"
+                    f"BEGIN SELECT RAISE(ABORT, '{message}'); END"
                 )
 
     async def allow(self) -> None:
@@ -79,11 +79,11 @@ class PostgresBackend:
         rows = await self._sql(*(f"SELECT t::text FROM {t} t" for t in tables))  # noqa: S608
         return "\n".join(str(r[0]) for r in rows).encode()
 
-    async def refuse(self, table: str, key: str | None = None) -> None:
+    async def refuse(self, table: str, key: str | None = None, message: str = "refused") -> None:
         when = f"WHEN (NEW.key = '{key}')" if key else ""
         await self._sql(
             "CREATE OR REPLACE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS "
-            "$$ BEGIN RAISE EXCEPTION 'refused'; END $$",
+            f"$$ BEGIN RAISE EXCEPTION '{message}'; END $$",
             f"CREATE TRIGGER refuse BEFORE INSERT OR UPDATE ON {table} FOR EACH ROW {when} "
             "EXECUTE FUNCTION refuse()",
         )
