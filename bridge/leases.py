@@ -67,6 +67,7 @@ class LeaseManager:
         self._leaving: set[int] = set()
         self._io = asyncio.Lock()
         self._loop_task: asyncio.Task[None] | None = None
+        self._closing = False
         self._timer: asyncio.TimerHandle | None = None
         self.failed_rounds = 0  # rounds that could not reach the database
 
@@ -146,12 +147,10 @@ class LeaseManager:
 
     async def release_all(self) -> None:
         """Hand every shard over: wait for ``on_lost`` (the page in flight), then release."""
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop_task
-            self._loop_task = None
+        # Rounds go on renewing while the owner finishes, but claim and hand over no more.
+        self._closing = True
         await self._hand_over(set(self._held))
+        await self._stop_loop()
         async with self._io:
             # Gone from the fair share at once, not after the heartbeat lapses.
             with contextlib.suppress(*LINK_ERRORS):
@@ -163,15 +162,19 @@ class LeaseManager:
 
     async def halt(self) -> None:
         """Stop renewing and disconnect without handing anything over (what a crash leaves)."""
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop_task
-            self._loop_task = None
+        self._closing = True
+        await self._stop_loop()
         if self._timer is not None:
             self._timer.cancel()
         await self._link.drain(within=self.ttl + 10)
         await self._link.close()
+
+    async def _stop_loop(self) -> None:
+        task, self._loop_task = self._loop_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     # -- one round -----------------------------------------------------------------------
 
@@ -195,6 +198,8 @@ class LeaseManager:
                 self._held[shard].deadline = sent + self.ttl
             else:
                 self._lose(shard)
+        if self._closing:
+            return
         staying = sorted(set(self._held) - self._leaving)
         names = {"n": self.shards, "me": self.replica_id, "mine": sorted(self._held)}
         cur = await conn.execute(COUNTS, names)

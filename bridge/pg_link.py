@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -21,6 +22,7 @@ from bridge.pg_schema import describe
 
 T = TypeVar("T")
 Conn = psycopg.AsyncConnection[Any]
+log = logging.getLogger(__name__)
 
 # What a use of the link can fail with when the database is away or refuses.
 LINK_ERRORS = (psycopg.Error, OSError, TimeoutError, StateError)
@@ -35,11 +37,13 @@ class PgLink:
 
     async def run(self, use: Callable[[Conn], Awaitable[T]]) -> T:
         task = asyncio.ensure_future(self._use(use))
-        done, _ = await asyncio.wait({task}, timeout=self.op_timeout)
+        try:
+            done, _ = await asyncio.wait({task}, timeout=self.op_timeout)
+        except asyncio.CancelledError:
+            self._abandon(task)
+            raise
         if not done:
-            task.cancel()
-            conn, self._conn = self._conn, None
-            self.spawn(_bury(task, conn))
+            self._abandon(task)
             raise TimeoutError(f"the database did not answer within {self.op_timeout:g} s")
         try:
             return task.result()
@@ -57,10 +61,16 @@ class PgLink:
                 raise StateError(describe(exc, self.url)) from exc
         return await use(self._conn)
 
+    def _abandon(self, task: asyncio.Future[Any]) -> None:
+        task.cancel()
+        conn, self._conn = self._conn, None
+        self.spawn(_bury(task, conn))
+
     def spawn(self, work: Awaitable[Any]) -> None:
         """Run ``work`` in the background; :meth:`drain` waits for it."""
         task = asyncio.ensure_future(work)
         self._background.add(task)
+        task.add_done_callback(_finished)
         task.add_done_callback(self._background.discard)
 
     async def close(self) -> None:
@@ -81,3 +91,8 @@ async def _bury(task: asyncio.Future[Any], conn: Conn | None) -> None:
     if conn is not None:
         with contextlib.suppress(psycopg.Error, OSError):
             await conn.close()
+
+
+def _finished(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("background task failed", exc_info=task.exception())
