@@ -17,14 +17,7 @@ import pytest
 from bridge.errors import ConfigError, LeaseLost
 from bridge.leases import LeaseManager
 from tests.plugins.tcpproxy import TcpProxy
-
-
-async def eventually(check: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"not within {timeout:g} s: {what}")
-        await asyncio.sleep(0.02)
+from tests.waiting import eventually
 
 
 class Replica:

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator
+from typing import Any
 
 import psycopg
 import pytest
@@ -15,70 +14,65 @@ from bridge.errors import StateError
 from bridge.wakeups import Wakeup, WakeupListener, forward, parse
 from tests.harness import free_port
 from tests.plugins.tcpproxy import TcpProxy
-
-
-async def eventually(check: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"not within {timeout:g} s: {what}")
-        await asyncio.sleep(0.02)
+from tests.waiting import eventually
 
 
 def channel() -> str:
     return f"wakeup_{uuid.uuid4().hex[:8]}"  # tests share a database: one channel each
 
 
-async def test_a_wakeup_sent_on_one_connection_reaches_the_listener(pg_url: str) -> None:
+class Heard:
+    """A listener on a channel of its own, what it heard, and a second connection to send."""
+
+    def __init__(self, listener: WakeupListener, name: str, sender: psycopg.AsyncConnection[Any]):
+        self.listener, self.name, self.sender = listener, name, sender
+        self.wakeups: list[Wakeup] = []
+
+    async def send(self, wakeup: Wakeup) -> None:
+        await forward(self.sender, wakeup, channel=self.name)
+
+
+@pytest.fixture
+async def heard(pg_url: str) -> AsyncIterator[Heard]:
     name = channel()
-    heard: list[Wakeup] = []
-    listener = WakeupListener(pg_url, heard.append, channel=name)
+    wakeups: list[Wakeup] = []
+    listener = WakeupListener(pg_url, wakeups.append, channel=name)
     await listener.start()
     try:
         async with await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as sender:
-            await forward(sender, Wakeup("m-1", 1700000000.5), channel=name)
-            await forward(sender, Wakeup("m-2"), channel=name)
-            await forward(sender, Wakeup("m-3"), channel="another_channel")
-        await eventually(lambda: len(heard) >= 2, "two wake-ups")
-        assert heard == [Wakeup("m-1", 1700000000.5), Wakeup("m-2", None)]
+            rig = Heard(listener, name, sender)
+            rig.wakeups = wakeups
+            yield rig
     finally:
         await listener.stop()
 
 
-async def test_a_wakeup_inside_a_transaction_is_sent_on_commit_only(pg_url: str) -> None:
-    name = channel()
-    heard: list[Wakeup] = []
-    listener = WakeupListener(pg_url, heard.append, channel=name)
-    await listener.start()
-    try:
-        async with await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as sender:
-            async with sender.transaction(force_rollback=True):
-                await forward(sender, Wakeup("rolled-back"), channel=name)
-            await forward(sender, Wakeup("committed"), channel=name)
-        await eventually(lambda: len(heard) >= 1, "the committed wake-up")
-        assert heard == [Wakeup("committed")]
-    finally:
-        await listener.stop()
+async def test_a_wakeup_sent_on_one_connection_reaches_the_listener(heard: Heard) -> None:
+    await heard.send(Wakeup("m-1", 1700000000.5))
+    await heard.send(Wakeup("m-2"))
+    await forward(heard.sender, Wakeup("m-3"), channel="another_channel")
+    await eventually(lambda: len(heard.wakeups) >= 2, "two wake-ups")
+    assert heard.wakeups == [Wakeup("m-1", 1700000000.5), Wakeup("m-2", None)]
 
 
-async def test_malformed_payloads_are_ignored_and_bad_input_sends_nothing(pg_url: str) -> None:
-    name = channel()
-    heard: list[Wakeup] = []
-    listener = WakeupListener(pg_url, heard.append, channel=name)
-    await listener.start()
-    try:
-        async with await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as sender:
-            for bad in ("not json", '{"member_id": ""}', '["m"]', '{"member_id": "m", "ts": "x"}'):
-                await sender.execute("SELECT pg_notify(%s, %s)", (name, bad))
-            for member_id in ("", "x" * 101, "line\nbreak"):
-                with pytest.raises(ValueError, match="member id"):
-                    await forward(sender, Wakeup(member_id), channel=name)
-            await forward(sender, Wakeup("m-ok"), channel=name)
-        await eventually(lambda: len(heard) >= 1, "the good wake-up")
-        assert heard == [Wakeup("m-ok")]
-        assert listener.rejected == 4
-    finally:
-        await listener.stop()
+async def test_a_wakeup_inside_a_transaction_is_sent_on_commit_only(heard: Heard) -> None:
+    async with heard.sender.transaction(force_rollback=True):
+        await heard.send(Wakeup("rolled-back"))
+    await heard.send(Wakeup("committed"))
+    await eventually(lambda: len(heard.wakeups) >= 1, "the committed wake-up")
+    assert heard.wakeups == [Wakeup("committed")]
+
+
+async def test_malformed_payloads_are_ignored_and_bad_input_sends_nothing(heard: Heard) -> None:
+    for bad in ("not json", '{"member_id": ""}', '["m"]', '{"member_id": "m", "ts": "x"}'):
+        await heard.sender.execute("SELECT pg_notify(%s, %s)", (heard.name, bad))
+    for member_id in ("", "x" * 101, "line\nbreak"):
+        with pytest.raises(ValueError, match="member id"):
+            await heard.send(Wakeup(member_id))
+    await heard.send(Wakeup("m-ok"))
+    await eventually(lambda: len(heard.wakeups) >= 1, "the good wake-up")
+    assert heard.wakeups == [Wakeup("m-ok")]
+    assert heard.listener.rejected == 4
 
 
 def test_parse_round_trip() -> None:
