@@ -24,6 +24,7 @@ from bridge.pg_schema import describe, migrate, redact
 from bridge.sealing import SECRET_FIELDS, Sealer
 from bridge.state import UNINSTALLED, Portal
 from bridge.state_pg_records import Conn, PgRecords
+from bridge.state_pg_sources import PgSources
 
 Exchange = Callable[[Portal], Awaitable[Portal]]
 
@@ -39,7 +40,7 @@ class Refreshed:
     exchanged: bool  # False: another replica had refreshed already; its tokens were adopted
 
 
-class PgState(PgRecords):
+class PgState(PgRecords, PgSources):
     """The state database. Construct with :meth:`open`."""
 
     # -- lifecycle -----------------------------------------------------------------------
