@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from bridge import __version__, logs
-from bridge.core.errors import BridgeError
+from bridge.core.errors import BridgeError, ConfigError
 from bridge.diadoc.settings import load_diadoc_settings
 from bridge.settings import Settings, load_settings
 
@@ -153,6 +153,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_settings()
         logs.configure(settings.log_level, settings.log_format)
+        if settings.state_url is not None and args.command != "asyncapi":
+            # The commands still keep their state in the file: refuse, rather than let several
+            # replicas each drain (and refresh tokens from) a state file of their own.
+            raise ConfigError(
+                "BRIDGE_STATE_URL (scaled mode) is not served by this release; "
+                "unset it to keep the state in BRIDGE_STATE_PATH"
+            )
         if args.command == "serve":
             return _run(_serve(settings))
         if args.command == "drain":

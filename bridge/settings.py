@@ -54,6 +54,10 @@ class Settings(BaseSettings):
     http_port: int = Field(8080, ge=1, le=65535)
     state_path: str = "./bridge-state.sqlite3"
     state_key: SecretStr | None = None
+    state_url: SecretStr | None = None  # postgresql://...: scaled mode; unset: SQLite
+    shards: int = Field(64, ge=1, le=100_000)
+    lease_ttl: float = Field(10, gt=0)
+    lease_renew: float = Field(2, gt=0)
 
     client_id: str | None = None
     client_secret: SecretStr | None = None
@@ -125,6 +129,15 @@ class Settings(BaseSettings):
             raise ValueError("must be an amqp:// or amqps:// URL with a host")
         return value
 
+    @field_validator("state_url")
+    @classmethod
+    def _postgres(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value().strip():
+            return None
+        if urlsplit(value.get_secret_value()).scheme not in ("postgresql", "postgres"):
+            raise ValueError("must be a postgresql:// URL")
+        return value
+
     @field_validator("exchange_template", "routing_key_template")
     @classmethod
     def _template(cls, value: str) -> str:
@@ -149,6 +162,12 @@ class Settings(BaseSettings):
                     "must be Fernet keys (32 url-safe base64 bytes), comma-separated"
                 ) from exc
         return value
+
+    @model_validator(mode="after")
+    def _lease_timing(self) -> Settings:
+        if self.lease_renew >= self.lease_ttl:
+            raise ValueError("BRIDGE_LEASE_RENEW must be shorter than BRIDGE_LEASE_TTL")
+        return self
 
     @model_validator(mode="after")
     def _bootstrap_complete(self) -> Settings:

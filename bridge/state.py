@@ -17,10 +17,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-from cryptography.fernet import Fernet, InvalidToken, MultiFernet
-
 from bridge.amqp.protocol import Confirmed
 from bridge.core.errors import StateError
+from bridge.sealing import SECRET_FIELDS as _SECRET_FIELDS
+from bridge.sealing import Sealer
 
 T = TypeVar("T")
 
@@ -91,9 +91,6 @@ CREATE TABLE IF NOT EXISTS seen (
 );
 """
 
-_SECRET_FIELDS = ("access_token", "refresh_token", "application_token")
-_ENCRYPTED = "fernet:"
-
 
 @dataclass(frozen=True, slots=True)
 class Portal:
@@ -144,7 +141,7 @@ class State:
     def __init__(self, conn: sqlite3.Connection, executor: ThreadPoolExecutor, keys: list[bytes]):
         self._conn = conn
         self._executor = executor
-        self._fernet = MultiFernet([Fernet(k) for k in keys]) if keys else None
+        self._sealer = Sealer(keys)
         self.write_failure: str | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -190,24 +187,10 @@ class State:
     # -- secrets ---------------------------------------------------------------------------
 
     def _seal(self, value: str) -> str:
-        if self._fernet is None or not value:
-            return value
-        return _ENCRYPTED + self._fernet.encrypt(value.encode()).decode()
+        return self._sealer.seal(value)
 
     def _open_secret(self, value: str) -> str:
-        if not value.startswith(_ENCRYPTED):
-            return value
-        if self._fernet is None:
-            raise StateError(
-                "the state file holds encrypted tokens but BRIDGE_STATE_KEY is not set"
-            )
-        try:
-            return self._fernet.decrypt(value[len(_ENCRYPTED) :].encode()).decode()
-        except InvalidToken:
-            raise StateError(
-                "BRIDGE_STATE_KEY cannot decrypt the stored tokens (wrong key? "
-                "when rotating, list the new key first and keep the old one after it)"
-            ) from None
+        return self._sealer.open(value)
 
     def _check_keys(self) -> None:
         for row in self._conn.execute(

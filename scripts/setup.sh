@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Prepares a Debian/Ubuntu machine for the bridge: Python 3.11+ with venv, the project in
-# ./.venv, promtool, and a running RabbitMQ on 127.0.0.1:5672. Safe to run again; fails loudly.
+# ./.venv, promtool, a running RabbitMQ on 127.0.0.1:5672 and, for the tests, PostgreSQL on
+# 127.0.0.1:5432. Safe to run again; fails loudly.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -59,6 +60,50 @@ if ! command -v promtool >/dev/null && [ ! -x .venv/bin/promtool ]; then
     dpkg-deb -x "$debs"/prometheus_*.deb "$debs/root"
     install -m 0755 "$debs/root/usr/bin/promtool" .venv/bin/promtool
     rm -rf "$debs"
+fi
+
+# The PostgreSQL state backend is tested against a real server (user postgres, no password, on
+# loopback), unless BRIDGE_TEST_PG_URL names another one.
+pg_answers() {
+    .venv/bin/python - "$1" <<'PY'
+import sys
+import psycopg
+try:
+    psycopg.connect(sys.argv[1], connect_timeout=2).close()
+except psycopg.OperationalError as exc:
+    print(str(exc).strip().splitlines()[-1] if str(exc).strip() else "no answer", file=sys.stderr)
+    sys.exit(1)
+PY
+}
+pg_listening() {
+    .venv/bin/python -c 'import socket; socket.create_connection(("127.0.0.1", 5432), timeout=1).close()' 2>/dev/null
+}
+if [ "$extra" = dev ] && [ -z "${BRIDGE_TEST_PG_URL:-}" ]; then
+    PG_URL="postgresql://postgres@127.0.0.1:5432/postgres"
+    installed_pg=""
+    if ! pg_listening; then
+        if ! ls -d /etc/postgresql/*/main >/dev/null 2>&1; then
+            say "installing postgresql"
+            apt_install postgresql
+            installed_pg=1
+        fi
+        version="$(ls /etc/postgresql | sort -V | tail -n 1)"
+        say "starting PostgreSQL $version"
+        $SUDO pg_ctlcluster --skip-systemctl-redirect "$version" main start >/dev/null 2>&1 || true
+        for _ in $(seq 1 60); do pg_listening && break; sleep 1; done
+        pg_listening || die "PostgreSQL did not answer on 127.0.0.1:5432 within 60 s (try: pg_ctlcluster --skip-systemctl-redirect $version main start)"
+    fi
+    if ! pg_answers "$PG_URL" 2>/dev/null && [ -n "$installed_pg" ]; then
+        # A cluster installed just now: let the tests' user in over loopback, nothing else.
+        hba="/etc/postgresql/$version/main/pg_hba.conf"
+        $SUDO sed -i '1i host all postgres 127.0.0.1/32 trust' "$hba"
+        $SUDO pg_ctlcluster --skip-systemctl-redirect "$version" main reload >/dev/null
+        for _ in $(seq 1 30); do pg_answers "$PG_URL" 2>/dev/null && break; sleep 1; done
+    fi
+    if ! reason="$(pg_answers "$PG_URL" 2>&1)"; then
+        die "PostgreSQL on 127.0.0.1:5432 refuses $PG_URL ($reason); allow user postgres over loopback or set BRIDGE_TEST_PG_URL"
+    fi
+    say "PostgreSQL is answering on 127.0.0.1:5432"
 fi
 
 broker_up() {

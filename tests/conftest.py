@@ -14,6 +14,7 @@ pytest_plugins = [
     "tests.plugins.broker",
     "tests.plugins.tcpproxy",
     "tests.plugins.emulator",
+    "tests.plugins.postgres",
 ]
 
 

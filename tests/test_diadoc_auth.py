@@ -1,17 +1,16 @@
 """Diadoc's rotating refresh token across failed writes, kills and cancellations.
 
 A rotated refresh token is the only live one: the provider has forgotten the old one. These tests
-fail the state file (an SQLite trigger, added over a second connection, aborts the write) or
-cancel the caller at the worst moment, and prove the chain survives: a later request and a
-restarted process both still authenticate, and the provider never sees a dead token.
+fail the state (a trigger, added over a second connection, aborts the write; on the SQLite file
+and on PostgreSQL) or cancel the caller at the worst moment, and prove the chain survives: a
+later request and a restarted process both still authenticate, and the provider never sees a
+dead token.
 """
 
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -30,6 +29,7 @@ from bridge.metrics import Metrics
 from bridge.state import State
 from tests.diadoc_harness import emulated_client
 from tests.plugins.broker import AmqpNamespace
+from tests.state_backends import Backend
 
 REQUEST: dict[str, Any] = {
     "Filter": {"FromTimestamp": {"Ticks": 0}, "ToTimestamp": timestamp(4e9)},
@@ -44,51 +44,38 @@ def diadoc() -> Iterator[DiadocEmulatorServer]:
 
 
 @pytest.fixture
-def path(tmp_path: Path) -> str:
-    return str(tmp_path / "state.sqlite3")
-
-
-@pytest.fixture
-async def state(path: str) -> AsyncIterator[State]:
-    state = await State.open(path)
-    yield state
+async def state(state_backend: Backend) -> AsyncIterator[State]:
+    """The SQLite file and PostgreSQL in turn."""
+    state = await state_backend.open()
+    yield state  # type: ignore[misc]
     await state.close()
 
 
-def fail_writes(path: str, key: str | None = None) -> None:
+async def fail_writes(backend: Backend, key: str | None = None) -> None:
     """From now on, writing Diadoc's auth rows (or only ``key``) aborts, as a full disk would."""
-    when = f"NEW.source = '{AUTH_SOURCE}'" + (f" AND NEW.key = '{key}'" if key else "")
-    with sqlite3.connect(path) as conn:
-        for op in ("INSERT", "UPDATE"):
-            conn.execute(
-                f"CREATE TRIGGER fail_{op.lower()} BEFORE {op} ON cursors WHEN {when} "
-                "BEGIN SELECT RAISE(ABORT, 'disk full'); END"
-            )
+    await backend.refuse("cursors", key, message="disk full")
 
 
-def heal(path: str) -> None:
-    with sqlite3.connect(path) as conn:
-        for op in ("insert", "update"):
-            conn.execute(f"DROP TRIGGER fail_{op}")
-
-
-async def restart_works(diadoc: DiadocEmulatorServer, path: str, bootstrap: str | None) -> None:
-    """A new process on the same state file (and the same, now dead, bootstrap variable)."""
+async def restart_works(
+    diadoc: DiadocEmulatorServer, backend: Backend, bootstrap: str | None
+) -> None:
+    """A new process on the same state (and the same, now dead, bootstrap variable)."""
     refused = diadoc.model.refused_refreshes
-    state = await State.open(path)
+    state = await backend.open()
     try:
         async with httpx.AsyncClient() as http:
-            await emulated_client(diadoc, state, http, bootstrap).docflow_events("box-a", REQUEST)
+            client = emulated_client(diadoc, state, http, bootstrap)  # type: ignore[arg-type]
+            await client.docflow_events("box-a", REQUEST)
     finally:
         await state.close()
     assert diadoc.model.refused_refreshes == refused
 
 
 async def test_a_rotated_token_that_could_not_be_stored_is_kept_and_stored_before_its_use(
-    diadoc: DiadocEmulatorServer, state: State, path: str
+    diadoc: DiadocEmulatorServer, state: State, state_backend: Backend
 ) -> None:
     bootstrap = diadoc.model.issue_refresh_token()
-    fail_writes(path)
+    await fail_writes(state_backend)
     async with httpx.AsyncClient() as http:
         client = emulated_client(diadoc, state, http, bootstrap)
         with pytest.raises(StateError, match="disk full"):
@@ -98,20 +85,20 @@ async def test_a_rotated_token_that_could_not_be_stored_is_kept_and_stored_befor
         with pytest.raises(StateError):
             await client.docflow_events("box-a", REQUEST)  # still no disk: still not used
         assert diadoc.model.counters()["requests"] == 0
-        heal(path)
+        await state_backend.allow()
         await client.docflow_events("box-a", REQUEST)
     # Stored first, then used: no second exchange was needed, none was refused.
     assert diadoc.model.refreshes == 1
     assert diadoc.model.refused_refreshes == 0
     assert await state.source_secret(AUTH_SOURCE, REFRESH_KEY) not in (None, bootstrap)
-    await restart_works(diadoc, path, bootstrap)
+    await restart_works(diadoc, state_backend, bootstrap)
 
 
 async def test_the_token_and_the_bootstrap_fingerprint_are_written_together(
-    diadoc: DiadocEmulatorServer, state: State, path: str
+    diadoc: DiadocEmulatorServer, state: State, state_backend: Backend
 ) -> None:
     bootstrap = diadoc.model.issue_refresh_token()
-    fail_writes(path, BOOTSTRAP_KEY)  # the second of the two rows fails
+    await fail_writes(state_backend, BOOTSTRAP_KEY)  # the second of the two rows fails
     async with httpx.AsyncClient() as http:
         client = emulated_client(diadoc, state, http, bootstrap)
         with pytest.raises(StateError):
@@ -121,10 +108,10 @@ async def test_the_token_and_the_bootstrap_fingerprint_are_written_together(
         stored = await state.source_secret(AUTH_SOURCE, REFRESH_KEY)
         used = await state.cursor(AUTH_SOURCE, BOOTSTRAP_KEY)
         assert (stored, used) == (None, None)
-        heal(path)
+        await state_backend.allow()
         await client.docflow_events("box-a", REQUEST)
     assert await state.cursor(AUTH_SOURCE, BOOTSTRAP_KEY) is not None
-    await restart_works(diadoc, path, bootstrap)
+    await restart_works(diadoc, state_backend, bootstrap)
 
 
 class HoldRotation(httpx.AsyncBaseTransport):
@@ -150,7 +137,7 @@ class HoldRotation(httpx.AsyncBaseTransport):
 
 
 async def test_a_pass_cancelled_after_the_rotation_still_stores_the_token(
-    diadoc: DiadocEmulatorServer, state: State, path: str, amqp_ns: AmqpNamespace
+    diadoc: DiadocEmulatorServer, state: State, state_backend: Backend, amqp_ns: AmqpNamespace
 ) -> None:
     bootstrap = diadoc.model.issue_refresh_token()
     hold = HoldRotation()
@@ -181,4 +168,4 @@ async def test_a_pass_cancelled_after_the_rotation_still_stores_the_token(
             assert await state.source_secret(AUTH_SOURCE, REFRESH_KEY) not in (None, bootstrap)
     finally:
         await publisher.close()
-    await restart_works(diadoc, path, bootstrap)
+    await restart_works(diadoc, state_backend, bootstrap)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -18,6 +17,7 @@ from bridge.diadoc.ticks import timestamp
 from bridge.emulators.diadoc import DiadocEmulator, DiadocEmulatorServer, FaultRule
 from bridge.state import State
 from tests.diadoc_harness import emulated_client
+from tests.state_backends import Backend
 
 REQUEST: dict[str, Any] = {
     "Filter": {"FromTimestamp": {"Ticks": 0}, "ToTimestamp": timestamp(4e9)},
@@ -32,9 +32,10 @@ def diadoc() -> Iterator[DiadocEmulatorServer]:
 
 
 @pytest.fixture
-async def state(tmp_path: Path) -> AsyncIterator[State]:
-    state = await State.open(str(tmp_path / "state.sqlite3"))
-    yield state
+async def state(state_backend: Backend) -> AsyncIterator[State]:
+    """The SQLite file and PostgreSQL in turn: the client keeps its rotating token in either."""
+    state = await state_backend.open()
+    yield state  # type: ignore[misc]
     await state.close()
 
 
@@ -152,12 +153,11 @@ async def test_without_any_refresh_token_says_which_variable(
 
 
 async def test_stored_refresh_token_is_encrypted_with_the_state_key(
-    diadoc: DiadocEmulatorServer, tmp_path: Path, http: httpx.AsyncClient
+    diadoc: DiadocEmulatorServer, state_backend: Backend, http: httpx.AsyncClient
 ) -> None:
     from cryptography.fernet import Fernet
 
-    path = str(tmp_path / "sealed.sqlite3")
-    state = await State.open(path, [Fernet.generate_key()])
+    state = await state_backend.open([Fernet.generate_key()])
     try:
         client = emulated_client(diadoc, state, http, diadoc.model.issue_refresh_token())
         await client.docflow_events("box-a", REQUEST)

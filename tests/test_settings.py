@@ -127,3 +127,40 @@ def test_operating_limit_and_poison_attempts() -> None:
     assert settings.poison_attempts == 5
     with pytest.raises(ConfigError, match="BRIDGE_POISON_ATTEMPTS"):
         load_settings({"BRIDGE_POISON_ATTEMPTS": "0"})
+
+
+def test_scaled_mode_settings() -> None:
+    s = load_settings({})
+    assert (s.state_url, s.shards, s.lease_ttl, s.lease_renew) == (None, 64, 10, 2)
+    s = load_settings(
+        {
+            "BRIDGE_STATE_URL": "postgresql://bridge:hunter2@db.example:5432/bridge",
+            "BRIDGE_SHARDS": "1",
+            "BRIDGE_LEASE_TTL": "5",
+            "BRIDGE_LEASE_RENEW": "1",
+        }
+    )
+    assert s.state_url is not None
+    assert s.state_url.get_secret_value().endswith("/bridge")
+    assert (s.shards, s.lease_ttl, s.lease_renew) == (1, 5, 1)
+    assert "hunter2" not in repr(s)
+    assert load_settings({"BRIDGE_STATE_URL": " "}).state_url is None
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"BRIDGE_STATE_URL": "mysql://bridge:hunter2@db/bridge"}, "BRIDGE_STATE_URL"),
+        ({"BRIDGE_SHARDS": "0"}, "BRIDGE_SHARDS"),
+        ({"BRIDGE_SHARDS": "many"}, "BRIDGE_SHARDS"),
+        ({"BRIDGE_LEASE_TTL": "2", "BRIDGE_LEASE_RENEW": "2"}, "BRIDGE_LEASE_RENEW"),
+    ],
+)
+def test_bad_scaled_mode_settings_are_one_line_without_secrets(
+    env: dict[str, str], named: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(env)
+    assert named in str(caught.value)
+    assert "hunter2" not in str(caught.value)
+    assert "\n" not in str(caught.value)

@@ -4,6 +4,7 @@ BridgeError
 ├── NotConfirmed           some events of a page were not confirmed; they stay upstream
 ├── ConfigError            bad or missing configuration; one line for the operator
 ├── StateError             the state file cannot be read or written
+├── LeaseLost              this replica no longer holds the shard (scaled mode): stop, write nothing
 ├── BrokerUnavailable      RabbitMQ cannot be reached
 └── UpstreamError          a Bitrix24 call failed; ``code`` is Bitrix24's ``error``
     ├── TransientError     worth retrying after a pause (rate limits, 5xx, network)
@@ -25,6 +26,10 @@ class ConfigError(BridgeError):
 
 
 class StateError(BridgeError):
+    pass
+
+
+class LeaseLost(BridgeError):
     pass
 
 
