@@ -358,7 +358,7 @@ async def _bind(settings: Settings) -> int:
 
 
 def _backup(settings: Settings, path: str, *, force: bool) -> int:
-    from bridge.backup import backup
+    from bridge.state.backup import backup
 
     size = backup(settings.state_path, path, force=force)
     print(f"state {settings.state_path} backed up to {path} ({size} bytes)")

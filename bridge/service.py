@@ -21,10 +21,10 @@ from bridge.bitrix24.portals import HTTP_TIMEOUT, SHUTDOWN_BOUND, Portals, Porta
 from bridge.core.drainer import Drainer
 from bridge.core.group import SourceGroup
 from bridge.diadoc.settings import DiadocSettings
-from bridge.lock import StateLock
 from bridge.metrics import Metrics
 from bridge.settings import Settings
 from bridge.state import State
+from bridge.state.lock import StateLock
 
 __all__ = ["SHUTDOWN_BOUND", "STUCK_AFTER", "PortalSession", "Service"]
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import psycopg
 
 from bridge.state import State
-from bridge.state_open import StateStore
-from bridge.state_pg import PgState
+from bridge.state.open import StateStore
+from bridge.state.pg import PgState
 
 
 class SqliteBackend:

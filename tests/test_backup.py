@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from bridge.backup import backup
 from bridge.core.errors import ConfigError, StateError
 from bridge.state import Portal, State
+from bridge.state.backup import backup
 from tests.harness import BridgeProcess, bridge_env, emulated_portal
 from tests.test_cli import run as run_cli
 

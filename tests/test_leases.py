@@ -15,7 +15,7 @@ import psycopg
 import pytest
 
 from bridge.core.errors import ConfigError, LeaseLost
-from bridge.leases import LeaseManager
+from bridge.scaling.leases import LeaseManager
 from tests.plugins.tcpproxy import TcpProxy
 from tests.waiting import eventually
 

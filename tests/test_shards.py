@@ -5,7 +5,7 @@ import zlib
 
 import pytest
 
-from bridge.shards import fair_target, shard_of
+from bridge.scaling.shards import fair_target, shard_of
 
 
 def test_shard_of_is_crc32_of_the_member_id_and_stable() -> None:

@@ -13,7 +13,7 @@ from bridge.amqp.fake import MemoryPublisher
 from bridge.amqp.protocol import Confirmed, OutgoingMessage
 from bridge.core.errors import StateError
 from bridge.state import JournalEntry, Portal, State
-from bridge.state_pg import PgState
+from bridge.state.pg import PgState
 from tests.state_backends import Backend
 
 

@@ -8,8 +8,8 @@ from yarl import URL
 from bridge.core.errors import StateError
 from bridge.settings import load_settings
 from bridge.state import Portal, State
-from bridge.state_open import open_state
-from bridge.state_pg import PgState
+from bridge.state.open import open_state
+from bridge.state.pg import PgState
 from tests.harness import free_port
 
 

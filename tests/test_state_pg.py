@@ -15,9 +15,9 @@ import pytest
 from bridge.bitrix24.oauth import OAuthClient
 from bridge.core.errors import LeaseLost, TokenError
 from bridge.emulators.bitrix24 import EmulatorServer
-from bridge.leases import LeaseManager
+from bridge.scaling.leases import LeaseManager
 from bridge.state import Portal
-from bridge.state_pg import PgState
+from bridge.state.pg import PgState
 from tests.test_state import proof
 
 

@@ -11,7 +11,7 @@ import pytest
 from yarl import URL
 
 from bridge.core.errors import StateError
-from bridge.wakeups import Wakeup, WakeupListener, forward, parse
+from bridge.scaling.wakeups import Wakeup, WakeupListener, forward, parse
 from tests.harness import free_port
 from tests.plugins.tcpproxy import TcpProxy
 from tests.waiting import eventually

@@ -22,10 +22,10 @@ from bridge.bitrix24.upstream import PortalClient
 from bridge.core.errors import BridgeError, ConfigError
 from bridge.diadoc.settings import DiadocSettings
 from bridge.diadoc.wiring import diadoc_status
-from bridge.lock import StateLock
 from bridge.metrics import Metrics
 from bridge.settings import Settings
 from bridge.state import State
+from bridge.state.lock import StateLock
 
 PARKED_SHOWN = 500
 PARKED_FIELDS = ("ID", "TIMESTAMP_X", "EVENT_NAME", "MESSAGE_ID", "PROCESS_ID", "EVENT_DATA")

@@ -3,7 +3,7 @@ parked rows and requests (the polled sources' records are in ``state_pg_sources`
 
 Same semantics as the SQLite state file (``bridge.state``), method for method. Every write is
 one transaction; in a view made by ``PgState.fenced`` it also re-checks, in that transaction,
-that this replica still holds the shard at the same epoch (``bridge.leases.check_lease``).
+that this replica still holds the shard at the same epoch (``bridge.scaling.leases.check_lease``).
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from psycopg_pool import AsyncConnectionPool
 
 from bridge.amqp.protocol import Confirmed
 from bridge.core.errors import StateError
-from bridge.fencing import Fence, check_lease
-from bridge.pg_schema import describe
-from bridge.sealing import Sealer
+from bridge.scaling.fencing import Fence, check_lease
 from bridge.state import JournalEntry, ParkedRecord
+from bridge.state.pg_schema import describe
+from bridge.state.sealing import Sealer
 
 T = TypeVar("T")
 Conn = psycopg.AsyncConnection[Any]

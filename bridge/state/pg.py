@@ -19,12 +19,12 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from bridge.core.errors import StateError, TokenError
-from bridge.fencing import Fence
-from bridge.pg_schema import describe, migrate, redact
-from bridge.sealing import SECRET_FIELDS, Sealer
+from bridge.scaling.fencing import Fence
 from bridge.state import UNINSTALLED, Portal
-from bridge.state_pg_records import Conn, PgRecords
-from bridge.state_pg_sources import PgSources
+from bridge.state.pg_records import Conn, PgRecords
+from bridge.state.pg_schema import describe, migrate, redact
+from bridge.state.pg_sources import PgSources
+from bridge.state.sealing import SECRET_FIELDS, Sealer
 
 Exchange = Callable[[Portal], Awaitable[Portal]]
 

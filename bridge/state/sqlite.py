@@ -19,8 +19,8 @@ from typing import Any, TypeVar
 
 from bridge.amqp.protocol import Confirmed
 from bridge.core.errors import StateError
-from bridge.sealing import SECRET_FIELDS as _SECRET_FIELDS
-from bridge.sealing import Sealer
+from bridge.state.sealing import SECRET_FIELDS as _SECRET_FIELDS
+from bridge.state.sealing import Sealer
 
 T = TypeVar("T")
 

@@ -1,4 +1,4 @@
-"""The statements of the lease manager (``bridge.leases``); parameters are named in each.
+"""The statements of the lease manager (``bridge.scaling.leases``); parameters are named in each.
 
 Expiries come from the database clock (``now()``), never from a replica's, so replicas whose
 clocks disagree still agree on whether a lease has expired.

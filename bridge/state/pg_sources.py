@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
 
-from bridge.state_pg_records import Conn, PgBase
+from bridge.state.pg_records import Conn, PgBase
 
 _UPSERT_CURSOR = (
     "INSERT INTO cursors (source, key, value) VALUES (%s, %s, %s) ON CONFLICT (source, key) "

@@ -22,8 +22,8 @@ from typing import Any
 from psycopg import sql
 
 from bridge.core.errors import StateError
-from bridge.pg_link import LINK_ERRORS, Conn, PgLink
-from bridge.pg_schema import describe
+from bridge.scaling.pg_link import LINK_ERRORS, Conn, PgLink
+from bridge.state.pg_schema import describe
 
 log = logging.getLogger(__name__)
 

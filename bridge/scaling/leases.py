@@ -4,7 +4,7 @@ Each shard is a row of ``leases`` (holder, epoch, expiry from the database clock
 ``renew_every`` seconds a replica heartbeats in ``replicas`` and renews all of its leases in one
 statement, then evens out: it hands over shards above its fair share and claims free or expired
 ones up to it (``FOR UPDATE SKIP LOCKED``; each takeover adds 1 to the epoch). The fair share
-is ``bridge.shards.fair_target``: at most ``ceil(N/R)``, counts within ±1 of each other.
+is ``bridge.scaling.shards.fair_target``: at most ``ceil(N/R)``, counts within ±1 of each other.
 
 Fencing: a shard's local deadline is the monotonic time at which its last successful renewal
 was *sent*, plus the TTL. The database computed the lease's expiry later than that, so by the
@@ -25,11 +25,11 @@ from typing import Any
 import psycopg
 
 from bridge.core.errors import ConfigError, LeaseLost, StateError
-from bridge.fencing import Fence
-from bridge.lease_sql import CLAIM, COUNTS, FREE, RELEASE, RENEW
-from bridge.pg_link import LINK_ERRORS, Conn, PgLink
-from bridge.pg_schema import describe, migrate
-from bridge.shards import fair_target
+from bridge.scaling.fencing import Fence
+from bridge.scaling.lease_sql import CLAIM, COUNTS, FREE, RELEASE, RENEW
+from bridge.scaling.pg_link import LINK_ERRORS, Conn, PgLink
+from bridge.scaling.shards import fair_target
+from bridge.state.pg_schema import describe, migrate
 
 log = logging.getLogger(__name__)
 

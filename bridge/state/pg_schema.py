@@ -7,7 +7,7 @@ first schema of the connection's ``search_path`` (``?options=-csearch_path%3Dnam
 keeps the bridge in a schema of its own).
 
 Columns mirror the SQLite state file; ``seq`` columns keep insertion order where SQLite uses its
-``rowid``. ``leases`` and ``replicas`` hold shard ownership (``bridge.leases``).
+``rowid``. ``leases`` and ``replicas`` hold shard ownership (``bridge.scaling.leases``).
 """
 
 from __future__ import annotations

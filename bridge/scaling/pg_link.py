@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import psycopg
 
 from bridge.core.errors import StateError
-from bridge.pg_schema import describe
+from bridge.state.pg_schema import describe
 
 T = TypeVar("T")
 Conn = psycopg.AsyncConnection[Any]

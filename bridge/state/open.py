@@ -59,6 +59,6 @@ class StateStore(Protocol):
 async def open_state(settings: Settings) -> StateStore:
     if settings.state_url is None:
         return await State.open(settings.state_path, settings.state_keys)
-    from bridge.state_pg import PgState
+    from bridge.state.pg import PgState
 
     return await PgState.open(settings.state_url.get_secret_value(), settings.state_keys)

@@ -1,0 +1,1 @@
+"""Scaled mode: several replicas share the portals through shard leases in PostgreSQL."""
