@@ -47,12 +47,12 @@ CREATE TABLE IF NOT EXISTS journal (
     created_at REAL NOT NULL,
     PRIMARY KEY (member_id, connector, process_id)
 );
-CREATE TABLE IF NOT EXISTS confirmed (
+CREATE TABLE IF NOT EXISTS confirmed_pages (
     member_id TEXT NOT NULL,
     connector TEXT NOT NULL,
     process_id TEXT NOT NULL,
-    message_id TEXT NOT NULL,
-    PRIMARY KEY (member_id, connector, process_id, message_id)
+    message_ids TEXT NOT NULL,  -- space-separated MESSAGE_IDs (32 hex characters each)
+    PRIMARY KEY (member_id, connector, process_id)
 );
 CREATE TABLE IF NOT EXISTS portal_health (
     member_id TEXT PRIMARY KEY,
@@ -303,11 +303,12 @@ class State:
                 (member_id, connector),
             ).fetchall()
             marks: dict[str, set[str]] = {}
-            for process_id, message_id in self._conn.execute(
-                "SELECT process_id, message_id FROM confirmed WHERE member_id=? AND connector=?",
+            for process_id, message_ids in self._conn.execute(
+                "SELECT process_id, message_ids FROM confirmed_pages "
+                "WHERE member_id=? AND connector=?",
                 (member_id, connector),
             ):
-                marks.setdefault(process_id, set()).add(message_id)
+                marks.setdefault(process_id, set()).update(message_ids.split())
             return [JournalEntry(r[0], bool(r[1]), frozenset(marks.get(r[0], ()))) for r in rows]
 
         return await self._run(run)
@@ -349,14 +350,16 @@ class State:
         publisher's proof is accepted. A later attempt then clears them without publishing
         them again."""
 
+        # One row per reservation, not per event: a pipelined run confirms thousands of events.
         def run() -> None:
             with self._conn:
                 self._conn.executemany(
-                    "INSERT OR IGNORE INTO confirmed VALUES (?,?,?,?)",
+                    "INSERT INTO confirmed_pages VALUES (?,?,?,?) "
+                    "ON CONFLICT(member_id, connector, process_id) DO UPDATE SET "
+                    "message_ids = message_ids || ' ' || excluded.message_ids",
                     [
-                        (member_id, connector, process_id, message_id)
+                        (member_id, connector, process_id, " ".join(proof.keys))
                         for process_id, proof in confirmed.items()
-                        for message_id in proof.keys
                     ],
                 )
 
@@ -373,7 +376,8 @@ class State:
                     "DELETE FROM journal WHERE member_id=? AND connector=? AND process_id=?", keys
                 )
                 self._conn.executemany(
-                    "DELETE FROM confirmed WHERE member_id=? AND connector=? AND process_id=?",
+                    "DELETE FROM confirmed_pages WHERE member_id=? AND connector=? "
+                    "AND process_id=?",
                     keys,
                 )
 
