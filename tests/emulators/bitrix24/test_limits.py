@@ -1,4 +1,4 @@
-"""The request-rate leaky bucket, on an injected clock (operating time: test_emulator_operating)."""
+"""The request-rate leaky bucket, on an injected clock (operating time: test_operating.py)."""
 
 from __future__ import annotations
 

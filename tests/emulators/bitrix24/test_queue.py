@@ -197,7 +197,7 @@ def test_clear_refuses_a_message_id_that_is_not_an_array(
 
 def test_message_id_is_md5_of_the_name_and_bitrix_json_of_the_data(bound: PortalClient) -> None:
     # md5("ONCRMLEADADD|" . Json::encode(["FIELDS" => ["ID" => "7405"]])), as php computed it
-    # for tests/php_vectors.json.
+    # for tests/emulators/bitrix24/php_vectors.json.
     bound.add({"event": "onCrmLeadAdd", "data": {"FIELDS": {"ID": "7405"}}})
     (row,) = bound.result("event.offline.get", {})["events"]
     assert row["MESSAGE_ID"] == "b14615ff900d6bd722b0e0e77511eba2"

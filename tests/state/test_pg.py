@@ -18,7 +18,7 @@ from bridge.emulators.bitrix24 import EmulatorServer
 from bridge.scaling.leases import LeaseManager
 from bridge.state import Portal
 from bridge.state.pg import PgState
-from tests.test_state import proof
+from tests.state.test_state import proof
 
 
 @pytest.fixture

@@ -1,9 +1,9 @@
 """Reference answers from a real PHP, for the emulator's own PHP-compatible code.
 
 ``php_answers(inputs)`` runs the ``php`` found on PATH (Debian's ``php-cli``; ``scripts/setup.sh``
-installs it) once over every input. ``tests/php_vectors.json`` holds answers PHP gave for a fixed
-set of inputs, so the comparison still runs where PHP is missing; rewrite it with
-``.venv/bin/python -m tests.php``.
+installs it) once over every input. ``php_vectors.json`` beside this module holds answers PHP
+gave for a fixed set of inputs, so the comparison still runs where PHP is missing; rewrite it
+with ``.venv/bin/python -m tests.emulators.bitrix24.php``.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from bridge.diadoc.wiring import PolledDrainer
 from bridge.emulators.diadoc import DiadocEmulator, DiadocEmulatorServer
 from bridge.metrics import Metrics
 from bridge.state import State
-from tests.diadoc_harness import emulated_client
+from tests.diadoc.harness import emulated_client
 from tests.plugins.broker import AmqpNamespace
 from tests.state_backends import Backend
 

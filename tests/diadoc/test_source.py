@@ -34,7 +34,7 @@ from bridge.emulators.diadoc import DiadocEmulator, DiadocEmulatorServer, FaultR
 from bridge.emulators.diadoc.events import DEFECTS
 from bridge.metrics import Metrics
 from bridge.state import State
-from tests.diadoc_harness import emulated_client
+from tests.diadoc.harness import emulated_client
 from tests.plugins.broker import AmqpNamespace, Collector
 from tests.plugins.tcpproxy import TcpProxy
 

@@ -1,8 +1,9 @@
 """The emulator's ``parse_str`` and ``http_build_query`` against what a real PHP answers.
 
-PHP's own answers come from two places: ``tests/php_vectors.json`` (written by ``php`` itself,
-see ``tests/php.py``) always, and a ``php`` run at test time over the same inputs plus a few
-hundred generated ones when ``php`` is installed (``scripts/setup.sh`` installs ``php-cli``).
+PHP's own answers come from two places: ``php_vectors.json`` beside this module (written by
+``php`` itself, see ``php.py``) always, and a ``php`` run at test time over the same inputs plus
+a few hundred generated ones when ``php`` is installed (``scripts/setup.sh`` installs
+``php-cli``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from bridge.emulators.bitrix24.phpform import (
     parse_str,
     php_array,
 )
-from tests.php import FIXED, committed, inputs_of, needs_php, php_answers
+from tests.emulators.bitrix24.php import FIXED, committed, inputs_of, needs_php, php_answers
 
 # Characters that decide how PHP reads a query string, and a few that do not.
 _ALPHABET = [

@@ -6,7 +6,7 @@ import random
 from typing import Any
 
 from bridge.emulators.bitrix24.phpjson import encode, message_id, php_value
-from tests.php import FIXED, committed, needs_php, php_answers
+from tests.emulators.bitrix24.php import FIXED, committed, needs_php, php_answers
 
 
 def test_committed_answers_of_php() -> None:

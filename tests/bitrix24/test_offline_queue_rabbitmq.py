@@ -27,8 +27,8 @@ from bridge.core.source import PassReport
 from bridge.emulators.bitrix24 import EmulatorServer
 from bridge.metrics import Metrics
 from bridge.state import Portal, State
+from tests.bitrix24.test_tokens import _refresh
 from tests.plugins.broker import AmqpNamespace
-from tests.test_tokens import _refresh
 
 
 @dataclass

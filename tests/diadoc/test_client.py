@@ -16,7 +16,7 @@ from bridge.diadoc.auth import AUTH_SOURCE, REFRESH_KEY
 from bridge.diadoc.ticks import timestamp
 from bridge.emulators.diadoc import DiadocEmulator, DiadocEmulatorServer, FaultRule
 from bridge.state import State
-from tests.diadoc_harness import emulated_client
+from tests.diadoc.harness import emulated_client
 from tests.state_backends import Backend
 
 REQUEST: dict[str, Any] = {

@@ -1,4 +1,5 @@
-"""The drain loop's scheduling, with a small fake source (the real one is in test_offline_queue)."""
+"""The drain loop's scheduling, with a small fake source (the real one: the Bitrix24 offline
+queue, in ``tests/bitrix24/``)."""
 
 import asyncio
 
