@@ -15,6 +15,7 @@ from yarl import URL
 from bridge.amqp.publisher import HEARTBEAT, with_heartbeat
 from bridge.emulators.bitrix24 import EmulatorConfig, EmulatorServer
 from tests.harness import Portal, bridge_env, bridge_in_process, until
+from tests.plugins.broker import AmqpNamespace
 from tests.plugins.tcpproxy import TcpProxy
 from tests.test_cli import run as run_cli
 
@@ -25,7 +26,7 @@ SILENCE_BOUND = 30
 WAIT_LIMIT = 60
 
 
-def bare_env(amqp_ns, tmp_path: Path, amqp_url: str | None = None) -> dict[str, str]:
+def bare_env(amqp_ns: AmqpNamespace, tmp_path: Path, amqp_url: str | None = None) -> dict[str, str]:
     """A bridge with no portal at all: a fresh install waiting for ONAPPINSTALL."""
     return {
         "BRIDGE_CLIENT_ID": "app.test",
@@ -54,7 +55,9 @@ async def refusing_portal() -> AsyncIterator[Portal]:
         server.stop()
 
 
-async def test_a_fresh_install_is_ready_before_any_portal(amqp_ns, tmp_path: Path) -> None:
+async def test_a_fresh_install_is_ready_before_any_portal(
+    amqp_ns: AmqpNamespace, tmp_path: Path
+) -> None:
     async with bridge_in_process(bare_env(amqp_ns, tmp_path)) as bridge, httpx.AsyncClient() as c:
         answer = await c.get(bridge.url + "/readyz")
         assert answer.status_code == 200, answer.text
@@ -62,7 +65,7 @@ async def test_a_fresh_install_is_ready_before_any_portal(amqp_ns, tmp_path: Pat
 
 
 async def test_a_stopped_portal_is_reported_not_unready(
-    refusing_portal: Portal, amqp_ns, tmp_path: Path
+    refusing_portal: Portal, amqp_ns: AmqpNamespace, tmp_path: Path
 ) -> None:
     env = await bridge_env(
         refusing_portal, amqp_ns, tmp_path / "state.sqlite3", BRIDGE_POLL_INTERVAL="1"
@@ -94,7 +97,7 @@ async def test_a_stopped_portal_is_reported_not_unready(
 
 
 async def test_a_silent_broker_makes_the_pod_unready_within_the_bound(
-    amqp_ns, amqp_proxy: TcpProxy, tmp_path: Path
+    amqp_ns: AmqpNamespace, amqp_proxy: TcpProxy, tmp_path: Path
 ) -> None:
     env = bare_env(amqp_ns, tmp_path, amqp_url=amqp_proxy.url(amqp_ns.url))
     async with bridge_in_process(env) as bridge, httpx.AsyncClient() as client:

@@ -8,13 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import bridge_env, bridge_in_process
+from bridge.emulators.bitrix24 import EmulatorServer
+from tests.harness import InProcessBridge, Portal, bridge_env, bridge_in_process
+from tests.plugins.broker import AmqpNamespace
+from tests.plugins.tcpproxy import TcpProxy
 
 EVENTS = ["ONCRMLEADADD", "ONCRMLEADUPDATE", "ONCRMDEALADD", "ONCRMDEALUPDATE", "ONCRMCONTACTADD"]
 
 
 async def test_5000_events_arrive_exactly_once_with_the_contracted_message(
-    emulated, amqp_ns, tmp_path: Path
+    emulated: tuple[EmulatorServer, Portal, int], amqp_ns: AmqpNamespace, tmp_path: Path
 ) -> None:
     server, portal, port = emulated
     collectors = {e: await amqp_ns.consume(amqp_ns.exchange(e.lower())) for e in EVENTS}
@@ -36,6 +39,7 @@ async def test_5000_events_arrive_exactly_once_with_the_contracted_message(
         await portal.wait_empty(timeout=30)
         for collector in collectors.values():
             await collector.settle(quiet=0.5)
+        assert bridge.service.state is not None
         journal = await bridge.service.state.journal_all()
 
     assert journal == []
@@ -85,7 +89,9 @@ async def _journal(state_path: Path) -> list[tuple[str, str, str]]:
         await state.close()
 
 
-async def test_sigkill_at_random_moments_loses_nothing(emulated, amqp_ns, tmp_path: Path) -> None:
+async def test_sigkill_at_random_moments_loses_nothing(
+    emulated: tuple[EmulatorServer, Portal, int], amqp_ns: AmqpNamespace, tmp_path: Path
+) -> None:
     import asyncio
     import random
 
@@ -125,7 +131,10 @@ async def test_sigkill_at_random_moments_loses_nothing(emulated, amqp_ns, tmp_pa
 
 
 async def test_broker_connection_cut_mid_page_loses_nothing(
-    emulated, amqp_ns, amqp_proxy, tmp_path: Path
+    emulated: tuple[EmulatorServer, Portal, int],
+    amqp_ns: AmqpNamespace,
+    amqp_proxy: TcpProxy,
+    tmp_path: Path,
 ) -> None:
     import asyncio
 
@@ -161,7 +170,7 @@ async def test_broker_connection_cut_mid_page_loses_nothing(
 
 
 async def test_broker_nack_keeps_events_reserved_until_accepted(
-    emulated, amqp_ns, tmp_path: Path
+    emulated: tuple[EmulatorServer, Portal, int], amqp_ns: AmqpNamespace, tmp_path: Path
 ) -> None:
     import asyncio
 
@@ -208,13 +217,16 @@ async def test_broker_nack_keeps_events_reserved_until_accepted(
     assert len(set(collector.message_ids)) == 120
 
 
-def _sample(bridge, name: str, labels: dict[str, str]) -> float:
+def _sample(bridge: InProcessBridge, name: str, labels: dict[str, str]) -> float:
     value = bridge.service.metrics.registry.get_sample_value(name, labels)
     return value or 0.0
 
 
 async def test_upstream_faults_during_a_drain_lose_nothing(
-    emulated, amqp_ns, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    emulated: tuple[EmulatorServer, Portal, int],
+    amqp_ns: AmqpNamespace,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     import asyncio
     import logging
@@ -241,6 +253,7 @@ async def test_upstream_faults_during_a_drain_lose_nothing(
         await portal.wait_empty(timeout=120)
         await collector.settle(quiet=1.0)
         assert _sample(bridge, "bitrix24_bridge_token_refreshes_total", refreshes) == 1
+        assert bridge.service.state is not None
         journal = await bridge.service.state.journal_all()
     assert journal == []
     assert len(set(collector.message_ids)) == 3000
@@ -266,7 +279,7 @@ async def test_upstream_faults_during_a_drain_lose_nothing(
 
 
 async def test_forged_and_malformed_notifications_cause_no_rest_call(
-    emulated, amqp_ns, tmp_path: Path
+    emulated: tuple[EmulatorServer, Portal, int], amqp_ns: AmqpNamespace, tmp_path: Path
 ) -> None:
     import httpx
 
@@ -316,6 +329,7 @@ async def test_forged_and_malformed_notifications_cause_no_rest_call(
         response = await client.post(bridge.events_url, content=forged, headers=form)
         assert response.status_code == 401
         assert list(bridge.service.sessions) == [member]
+        assert bridge.service.state is not None
         portals = await bridge.service.state.portals(include_inactive=True)
         assert [p.member_id for p in portals] == [member]
         after = await portal.calls()
@@ -323,7 +337,7 @@ async def test_forged_and_malformed_notifications_cause_no_rest_call(
 
 
 async def test_event_nobody_subscribed_to_lands_in_the_unrouted_queue(
-    emulated, amqp_ns, tmp_path: Path
+    emulated: tuple[EmulatorServer, Portal, int], amqp_ns: AmqpNamespace, tmp_path: Path
 ) -> None:
     _server, portal, port = emulated
     env = await bridge_env(portal, amqp_ns, tmp_path / "state.sqlite3", BRIDGE_HTTP_PORT=str(port))
@@ -337,7 +351,7 @@ async def test_event_nobody_subscribed_to_lands_in_the_unrouted_queue(
 
 
 async def test_sigterm_during_a_drain_exits_in_bound_and_restart_delivers_the_rest(
-    emulated, amqp_ns, tmp_path: Path
+    emulated: tuple[EmulatorServer, Portal, int], amqp_ns: AmqpNamespace, tmp_path: Path
 ) -> None:
     import asyncio
     import time
@@ -376,7 +390,7 @@ async def test_sigterm_during_a_drain_exits_in_bound_and_restart_delivers_the_re
 
 
 async def test_a_flood_of_notifications_costs_a_few_passes(
-    emulated, amqp_ns, tmp_path: Path
+    emulated: tuple[EmulatorServer, Portal, int], amqp_ns: AmqpNamespace, tmp_path: Path
 ) -> None:
     import time
 

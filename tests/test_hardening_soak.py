@@ -130,7 +130,9 @@ def _journal_size(path: Path) -> int:
 
 
 @pytest.mark.slow
-async def test_soak(emulated, amqp_url: str, tmp_path: Path) -> None:
+async def test_soak(
+    emulated: tuple[EmulatorServer, Portal, int], amqp_url: str, tmp_path: Path
+) -> None:
     _server, portal, port = emulated
     rng = random.Random()
     ns = AmqpNamespace(amqp_url, "soak" + os.urandom(4).hex())

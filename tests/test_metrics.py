@@ -12,6 +12,7 @@ from prometheus_client import generate_latest
 from bridge.emulators.bitrix24 import EmulatorConfig, EmulatorServer
 from bridge.metrics import Metrics
 from tests.harness import Portal, bridge_env, bridge_in_process, until
+from tests.plugins.broker import AmqpNamespace
 
 OLDEST = "bitrix24_bridge_oldest_pending_event_timestamp_seconds"
 
@@ -23,7 +24,9 @@ def _value(text: str, name: str) -> float | None:
     return None
 
 
-async def test_queue_depth_and_oldest_event_come_from_the_portal(amqp_ns, tmp_path: Path) -> None:
+async def test_queue_depth_and_oldest_event_come_from_the_portal(
+    amqp_ns: AmqpNamespace, tmp_path: Path
+) -> None:
     server = EmulatorServer(EmulatorConfig(rate_limit=None, auto_bind=True)).start()
     portal = Portal(server.base_url)
     try:

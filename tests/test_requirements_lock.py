@@ -23,8 +23,8 @@ from packaging.version import Version
 ROOT = Path(__file__).resolve().parent.parent
 LOCK = ROOT / "requirements.txt"
 # The image: CPython 3.11 on Linux. The lock is universal; this is the environment it must fit.
-IMAGE_ENV = {
-    **default_environment(),
+IMAGE_ENV: dict[str, str] = {
+    **{key: str(value) for key, value in default_environment().items()},
     "python_version": "3.11",
     "python_full_version": "3.11.13",
     "sys_platform": "linux",
@@ -113,7 +113,7 @@ def test_nothing_the_pins_need_is_missing() -> None:
             pytest.fail(f"{name} is pinned but not installed here: cannot check what it needs")
         for text in dist.requires or []:
             sub = Requirement(text)
-            extras = {"extra": ""}
+            extras: dict[str, str] = {"extra": ""}
             if sub.marker is None or sub.marker.evaluate({**IMAGE_ENV, **extras}):
                 wanted.append(sub)
     # Nothing pinned that nothing needs (a dependency dropped from pyproject lingers otherwise).

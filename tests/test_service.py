@@ -11,10 +11,12 @@ import httpx
 
 from bridge.core.drainer import Drainer
 from bridge.core.source import PassReport
+from bridge.emulators.bitrix24 import EmulatorServer
 from bridge.metrics import Metrics
 from bridge.service import STUCK_AFTER, Service
 from bridge.settings import load_settings
-from tests.harness import bridge_env
+from tests.harness import Portal, bridge_env
+from tests.plugins.broker import AmqpNamespace
 
 
 def _drain_tasks() -> list[asyncio.Task[Any]]:
@@ -22,7 +24,7 @@ def _drain_tasks() -> list[asyncio.Task[Any]]:
 
 
 async def test_concurrent_installs_leave_one_drainer_and_close_stops_it(
-    emulated, amqp_ns, tmp_path: Path
+    emulated: tuple[EmulatorServer, Portal, int], amqp_ns: AmqpNamespace, tmp_path: Path
 ) -> None:
     _server, portal, port = emulated
     env = await bridge_env(portal, amqp_ns, tmp_path / "state.sqlite3", BRIDGE_HTTP_PORT=str(port))
@@ -124,7 +126,7 @@ async def test_a_long_pass_that_keeps_moving_is_alive_one_that_stalls_is_not(
 
 
 async def test_readyz_reports_a_failed_binding_and_status_shows_it(
-    emulated, amqp_ns, tmp_path: Path
+    emulated: tuple[EmulatorServer, Portal, int], amqp_ns: AmqpNamespace, tmp_path: Path
 ) -> None:
     from tests.harness import bridge_in_process
 

@@ -13,7 +13,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tests.harness import bridge_env, bridge_in_process
+from bridge.emulators.bitrix24 import EmulatorServer
+from tests.harness import Portal, bridge_env, bridge_in_process
+from tests.plugins.broker import AmqpNamespace
 
 
 def _events(prefix: str, count: int) -> list[dict[str, Any]]:
@@ -29,7 +31,7 @@ async def _queue(portal: Any, connector: str) -> dict[str, Any]:
 
 
 async def test_each_bridge_touches_only_its_own_connectors_queue(
-    emulated, amqp_ns, tmp_path: Path
+    emulated: tuple[EmulatorServer, Portal, int], amqp_ns: AmqpNamespace, tmp_path: Path
 ) -> None:
     _server, portal, port = emulated
     collector = await amqp_ns.consume(amqp_ns.exchange("oncrmleadadd"))

@@ -12,11 +12,14 @@ import asyncio
 from collections import Counter
 from pathlib import Path
 
-from tests.harness import bridge_env, bridge_in_process
+from bridge.emulators.bitrix24 import EmulatorServer
+from tests.harness import Portal, bridge_env, bridge_in_process
+from tests.plugins.broker import AmqpNamespace
+from tests.plugins.tcpproxy import TcpProxy
 
 
 async def test_failing_clears_never_publish_an_event_twice(
-    emulated, amqp_ns, tmp_path: Path
+    emulated: tuple[EmulatorServer, Portal, int], amqp_ns: AmqpNamespace, tmp_path: Path
 ) -> None:
     _server, portal, port = emulated
     collector = await amqp_ns.consume(amqp_ns.exchange("oncrmleadadd"))
@@ -37,6 +40,7 @@ async def test_failing_clears_never_publish_an_event_twice(
         await collector.settle(quiet=1.0)
         stats = await portal.stats()
         assert stats["errors"]["INTERNAL_SERVER_ERROR"] == 24  # every injected failure struck
+        assert bridge.service.state is not None
         assert await bridge.service.state.journal_all() == []
     copies = Counter(collector.message_ids)
     assert len(copies) == 200
@@ -44,7 +48,11 @@ async def test_failing_clears_never_publish_an_event_twice(
 
 
 async def test_a_broker_stall_longer_than_the_confirm_timeout_costs_at_most_two_copies(
-    emulated, amqp_ns, amqp_proxy, amqp_url: str, tmp_path: Path
+    emulated: tuple[EmulatorServer, Portal, int],
+    amqp_ns: AmqpNamespace,
+    amqp_proxy: TcpProxy,
+    amqp_url: str,
+    tmp_path: Path,
 ) -> None:
     _server, portal, port = emulated
     collector = await amqp_ns.consume(amqp_ns.exchange("oncrmleadadd"))
@@ -74,6 +82,7 @@ async def test_a_broker_stall_longer_than_the_confirm_timeout_costs_at_most_two_
         amqp_proxy.resume()
         await portal.wait_empty(timeout=120)
         await collector.settle(quiet=1.0)
+        assert bridge.service.state is not None
         assert await bridge.service.state.journal_all() == []
     copies = Counter(collector.message_ids)
     assert len(copies) == 200

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,11 +24,11 @@ from bridge.bitrix24.pages import ConfirmedPage
 from bridge.bitrix24.upstream import PortalClient
 from bridge.core.drainer import Drainer
 from bridge.core.source import PassReport
-from bridge.emulators.bitrix24 import EmulatorServer
 from bridge.metrics import Metrics
 from bridge.state import Portal, State
 from tests.bitrix24.test_tokens import _refresh
 from tests.plugins.broker import AmqpNamespace
+from tests.plugins.emulator import EmulatorFactory
 
 
 @dataclass
@@ -41,14 +41,17 @@ class Rig:
     control: httpx.AsyncClient
 
 
+MakeRig = Callable[..., Awaitable[Rig]]
+
+
 @pytest.fixture
 async def make_rig(
-    emulator_factory: Any, amqp_ns: AmqpNamespace, tmp_path: Path
-) -> AsyncIterator[Any]:
+    emulator_factory: EmulatorFactory, amqp_ns: AmqpNamespace, tmp_path: Path
+) -> AsyncIterator[MakeRig]:
     rigs: list[Rig] = []
 
     async def make(transport: httpx.AsyncBaseTransport | None = None, **queue_kw: Any) -> Rig:
-        server: EmulatorServer = emulator_factory(auto_bind=True, rate_limit=None)
+        server = emulator_factory(auto_bind=True, rate_limit=None)
         control = httpx.AsyncClient(base_url=server.base_url)
         app = (await control.get("/_emulator/app")).json()
         grant = await _refresh(server.base_url, app, app["refresh_token"])
@@ -107,7 +110,9 @@ async def make_rig(
         await rig.state.close()
 
 
-async def test_cancelled_while_waiting_for_budget_keeps_the_pages_to_clear(make_rig: Any) -> None:
+async def test_cancelled_while_waiting_for_budget_keeps_the_pages_to_clear(
+    make_rig: MakeRig,
+) -> None:
     rig: Rig = await make_rig()
     far = time.monotonic() + 3600
     rig.client.pacer.budget("event.offline.get").banned_until = far
@@ -155,7 +160,7 @@ class AbandoningTransport(httpx.AsyncBaseTransport):
 
 
 async def test_an_abandoned_reservation_is_found_without_a_poll_tick(
-    make_rig: Any, amqp_ns: AmqpNamespace
+    make_rig: MakeRig, amqp_ns: AmqpNamespace
 ) -> None:
     transport = AbandoningTransport()
     rig: Rig = await make_rig(transport, abandon_grace=3.0)
@@ -209,7 +214,7 @@ async def _calls(rig: Rig, method: str) -> int:
 
 
 async def test_the_orphan_scan_is_bounded_per_pass_and_resumes(
-    make_rig: Any, amqp_ns: AmqpNamespace
+    make_rig: MakeRig, amqp_ns: AmqpNamespace
 ) -> None:
     from bridge.bitrix24.orphans import PAGES_PER_PASS
 
@@ -246,7 +251,7 @@ async def test_the_orphan_scan_is_bounded_per_pass_and_resumes(
 
 
 async def test_a_tight_list_budget_never_keeps_reservations_from_progress(
-    make_rig: Any, amqp_ns: AmqpNamespace
+    make_rig: MakeRig, amqp_ns: AmqpNamespace
 ) -> None:
     rig: Rig = await make_rig()
     collector = await amqp_ns.consume(amqp_ns.exchange("oncrmleadadd"))
@@ -274,7 +279,7 @@ class SpyTransport(httpx.AsyncBaseTransport):
         await self.inner.aclose()
 
 
-async def test_clears_always_name_their_events(make_rig: Any, amqp_ns: AmqpNamespace) -> None:
+async def test_clears_always_name_their_events(make_rig: MakeRig, amqp_ns: AmqpNamespace) -> None:
     from urllib.parse import parse_qsl
 
     spy = SpyTransport()
@@ -305,7 +310,7 @@ async def test_clears_always_name_their_events(make_rig: Any, amqp_ns: AmqpNames
 
 
 async def test_reserved_events_older_than_30_days_are_warned_about(
-    make_rig: Any, amqp_ns: AmqpNamespace, caplog: pytest.LogCaptureFixture
+    make_rig: MakeRig, amqp_ns: AmqpNamespace, caplog: pytest.LogCaptureFixture
 ) -> None:
     rig: Rig = await make_rig()
     await amqp_ns.consume(amqp_ns.exchange("oncrmleadadd"))
@@ -315,4 +320,4 @@ async def test_reserved_events_older_than_30_days_are_warned_about(
     await rig.queue.run_pass(full_check=False)
     warnings = [r for r in caplog.records if "older than 30 days" in r.getMessage()]
     assert len(warnings) == 1
-    assert warnings[0].events == 3  # type: ignore[attr-defined]
+    assert warnings[0].__dict__["events"] == 3  # a logging extra

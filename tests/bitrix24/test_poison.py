@@ -16,11 +16,13 @@ from typing import Any
 
 import httpx
 
-from tests.harness import bridge_env, bridge_in_process, until
+from bridge.emulators.bitrix24 import EmulatorServer
+from tests.harness import InProcessBridge, Portal, bridge_env, bridge_in_process, until
+from tests.plugins.broker import AmqpNamespace
 from tests.test_hardening_upstream import CorruptingTransport
 
 
-def _sample(bridge: Any, name: str, labels: dict[str, str]) -> float:
+def _sample(bridge: InProcessBridge, name: str, labels: dict[str, str]) -> float:
     value = bridge.service.metrics.registry.get_sample_value(name, labels)
     return value or 0.0
 
@@ -38,7 +40,7 @@ def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
 
 
 async def test_refused_events_are_parked_and_do_not_hold_back_the_rest(
-    emulated, amqp_ns, tmp_path: Path
+    emulated: tuple[EmulatorServer, Portal, int], amqp_ns: AmqpNamespace, tmp_path: Path
 ) -> None:
     _server, portal, port = emulated
     deal_exchange = amqp_ns.exchange("oncrmdealadd")
@@ -73,6 +75,7 @@ async def test_refused_events_are_parked_and_do_not_hold_back_the_rest(
             )
             == 3
         )
+        assert bridge.service.state is not None
         assert await bridge.service.state.journal_all() == []
         session = next(iter(bridge.service.sessions.values()))
         assert session.drainer.stopped is None
@@ -96,17 +99,19 @@ async def test_refused_events_are_parked_and_do_not_hold_back_the_rest(
         await deals.wait_for(3, timeout=30)
         await until(lambda: _errors_are(portal, 0), "the parked rows to be cleared", 30)
         await portal.wait_empty(timeout=30)
+        assert bridge.service.state is not None
         assert await bridge.service.state.journal_all() == []
     assert len(set(leads.message_ids)) == 100
     assert len(set(deals.message_ids)) == 3
 
 
-async def _errors_are(portal: Any, count: int) -> bool:
-    return (await portal.queue())["errors"] == count
+async def _errors_are(portal: Portal, count: int) -> bool:
+    errors: int = (await portal.queue())["errors"]
+    return errors == count
 
 
 async def test_a_returned_event_redeclares_the_unrouted_path_and_is_kept(
-    emulated, amqp_ns, tmp_path: Path
+    emulated: tuple[EmulatorServer, Portal, int], amqp_ns: AmqpNamespace, tmp_path: Path
 ) -> None:
     _server, portal, port = emulated
     env = await bridge_env(portal, amqp_ns, tmp_path / "state.sqlite3", BRIDGE_HTTP_PORT=str(port))
@@ -163,7 +168,7 @@ class MalformingTransport(CorruptingTransport):
 
 
 async def test_a_malformed_event_is_parked_after_its_attempts_and_the_rest_flows(
-    emulated, amqp_ns, tmp_path: Path
+    emulated: tuple[EmulatorServer, Portal, int], amqp_ns: AmqpNamespace, tmp_path: Path
 ) -> None:
     _server, portal, port = emulated
     collector = await amqp_ns.consume(amqp_ns.exchange("oncrmleadadd"))

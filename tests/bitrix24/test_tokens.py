@@ -19,9 +19,12 @@ import httpx
 
 from bridge.bitrix24.oauth import OAuthClient
 from bridge.bitrix24.upstream import PortalClient
+from bridge.emulators.bitrix24 import EmulatorServer
 from bridge.metrics import Metrics
 from bridge.state import Portal, State
 from tests.harness import BridgeProcess, bridge_env, bridge_in_process, until
+from tests.harness import Portal as EmulatedPortal
+from tests.plugins.broker import AmqpNamespace
 
 
 def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -45,7 +48,9 @@ async def _stored(path: Path) -> Portal:
     return portal
 
 
-async def test_cli_beside_serve_never_kills_its_token(emulated, amqp_ns, tmp_path: Path) -> None:
+async def test_cli_beside_serve_never_kills_its_token(
+    emulated: tuple[EmulatorServer, EmulatedPortal, int], amqp_ns: AmqpNamespace, tmp_path: Path
+) -> None:
     _server, portal, port = emulated
     state_path = tmp_path / "state.sqlite3"
     collector = await amqp_ns.consume(amqp_ns.exchange("oncrmleadadd"))
@@ -94,7 +99,7 @@ async def _has_portal(path: Path) -> bool:
 
 
 async def test_a_token_refused_on_one_batch_command_is_refreshed_and_retried(
-    emulated, amqp_ns, tmp_path: Path
+    emulated: tuple[EmulatorServer, EmulatedPortal, int], amqp_ns: AmqpNamespace, tmp_path: Path
 ) -> None:
     _server, portal, port = emulated
     collector = await amqp_ns.consume(amqp_ns.exchange("oncrmleadadd"))
@@ -115,7 +120,7 @@ async def test_a_token_refused_on_one_batch_command_is_refreshed_and_retried(
 
 
 async def test_a_fresh_token_refused_too_stops_the_portal_with_a_reason(
-    emulated, amqp_ns, tmp_path: Path
+    emulated: tuple[EmulatorServer, EmulatedPortal, int], amqp_ns: AmqpNamespace, tmp_path: Path
 ) -> None:
     _server, portal, port = emulated
     env = await bridge_env(portal, amqp_ns, tmp_path / "state.sqlite3", BRIDGE_HTTP_PORT=str(port))
@@ -205,7 +210,9 @@ def _client(
     )
 
 
-async def test_a_cancelled_refresh_still_saves_the_rotated_token(emulator, tmp_path: Path) -> None:
+async def test_a_cancelled_refresh_still_saves_the_rotated_token(
+    emulator: EmulatorServer, tmp_path: Path
+) -> None:
     state = await State.open(str(tmp_path / "s.sqlite3"))
     try:
         portal, app = await _portal_from(emulator, state)
@@ -233,7 +240,7 @@ async def test_a_cancelled_refresh_still_saves_the_rotated_token(emulator, tmp_p
 
 
 async def test_a_token_rotated_elsewhere_is_adopted_instead_of_stopping(
-    emulator, tmp_path: Path
+    emulator: EmulatorServer, tmp_path: Path
 ) -> None:
     state = await State.open(str(tmp_path / "s.sqlite3"))
     try:

@@ -174,7 +174,9 @@ async def test_operating_limit_waits_until_reset() -> None:
     assert caught.value.retry_after > 10
 
 
-async def test_rate_limited_calls_are_retried_even_when_not_idempotent() -> None:
+async def test_rate_limited_calls_are_retried_even_when_not_idempotent(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     answers = iter(
         [httpx.Response(503, json={"error": "QUERY_LIMIT_EXCEEDED"})] * 2
         + [httpx.Response(200, json={"result": {"process_id": "p"}, "time": {}})]
@@ -182,14 +184,8 @@ async def test_rate_limited_calls_are_retried_even_when_not_idempotent() -> None
     scripted = Scripted(lambda m, b: next(answers))
     client = make_client(scripted, [])
     client._max_rate_retries = 3
-    import bridge.bitrix24.upstream as upstream
-
-    original = upstream.backoff
-    upstream.backoff = lambda attempt, base=0.5, cap=30.0: 0.0  # type: ignore[assignment]
-    try:
-        answer = await client.call("event.offline.get", {"clear": 0}, idempotent=False)
-    finally:
-        upstream.backoff = original
+    monkeypatch.setattr("bridge.bitrix24.upstream.backoff", lambda *_a, **_kw: 0.0)
+    answer = await client.call("event.offline.get", {"clear": 0}, idempotent=False)
     assert answer.result == {"process_id": "p"}
     assert len(scripted.calls) == 3
 

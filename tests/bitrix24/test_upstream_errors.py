@@ -13,7 +13,9 @@ import pytest
 from bridge.bitrix24.pacing import BAN_PROBE_INTERVAL
 from bridge.bitrix24.upstream import error_for
 from bridge.core.errors import PortalStopped, TokenError, TransientError
-from tests.harness import bridge_env, bridge_in_process, until
+from bridge.emulators.bitrix24 import EmulatorServer
+from tests.harness import Portal, bridge_env, bridge_in_process, until
+from tests.plugins.broker import AmqpNamespace
 
 RARELY = 3600.0
 
@@ -74,7 +76,11 @@ def test_token_codes(code: str) -> None:
     [("APPLICATION_NOT_FOUND", True), ("PAYMENT_REQUIRED", True), ("ERROR_OAUTH", False)],
 )
 async def test_an_injected_code_stops_or_not_the_running_portal(
-    emulated, amqp_ns, tmp_path: Path, code: str, stops: bool
+    emulated: tuple[EmulatorServer, Portal, int],
+    amqp_ns: AmqpNamespace,
+    tmp_path: Path,
+    code: str,
+    stops: bool,
 ) -> None:
     _server, portal, port = emulated
     collector = await amqp_ns.consume(amqp_ns.exchange("oncrmleadadd"))
@@ -108,7 +114,7 @@ async def test_an_injected_code_stops_or_not_the_running_portal(
 
 
 async def test_a_banned_method_is_probed_once_a_minute_until_the_ban_ends(
-    emulated, amqp_ns, tmp_path: Path
+    emulated: tuple[EmulatorServer, Portal, int], amqp_ns: AmqpNamespace, tmp_path: Path
 ) -> None:
     # LoadLimiter v2 bans a method for a fixed time; every call meanwhile is refused and the
     # refusal says nothing about when it ends. The bridge waits, probing at most once a minute.

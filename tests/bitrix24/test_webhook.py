@@ -37,8 +37,11 @@ class NoUpstream:
         return httpx.Response(500, json={"error": "INTERNAL_SERVER_ERROR"})
 
 
+Rig = tuple[httpx.AsyncClient, Service, NoUpstream]
+
+
 @pytest.fixture
-async def rig(tmp_path: Path) -> AsyncIterator[tuple[httpx.AsyncClient, Service, NoUpstream]]:
+async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
     settings = load_settings(
         {
             "BRIDGE_CLIENT_ID": "app.1",
@@ -68,7 +71,7 @@ def _form(**fields: object) -> bytes:
 FORM = {"content-type": "application/x-www-form-urlencoded"}
 
 
-async def test_authenticated_notification_wakes_the_drainer(rig) -> None:
+async def test_authenticated_notification_wakes_the_drainer(rig: Rig) -> None:
     client, service, upstream = rig
     drainer = _session(service).drainer
     drainer._untimed = False
@@ -84,7 +87,7 @@ async def test_authenticated_notification_wakes_the_drainer(rig) -> None:
     assert upstream.requests == []  # answered at once: draining happens elsewhere
 
 
-async def test_json_bodies_are_accepted(rig) -> None:
+async def test_json_bodies_are_accepted(rig: Rig) -> None:
     client, _service, _ = rig
     payload = {
         "event": "ONOFFLINEEVENT",
@@ -103,7 +106,9 @@ async def test_json_bodies_are_accepted(rig) -> None:
         None,  # no auth block
     ],
 )
-async def test_failed_authentication_is_401_and_does_nothing(rig, auth) -> None:
+async def test_failed_authentication_is_401_and_does_nothing(
+    rig: Rig, auth: dict[str, str] | None
+) -> None:
     client, service, upstream = rig
     drainer = _session(service).drainer
     drainer._untimed = False
@@ -130,7 +135,7 @@ async def test_failed_authentication_is_401_and_does_nothing(rig, auth) -> None:
         (b"a" * 70_000, FORM, 413),
     ],
 )
-async def test_bad_requests(rig, body: bytes, headers: dict[str, str], status: int) -> None:
+async def test_bad_requests(rig: Rig, body: bytes, headers: dict[str, str], status: int) -> None:
     client, _service, upstream = rig
     response = await client.post("/bitrix24/events", content=body, headers=headers)
     assert response.status_code == status
@@ -138,7 +143,7 @@ async def test_bad_requests(rig, body: bytes, headers: dict[str, str], status: i
     assert upstream.requests == []
 
 
-async def test_streamed_oversized_body_is_413(rig) -> None:
+async def test_streamed_oversized_body_is_413(rig: Rig) -> None:
     client, _service, upstream = rig
 
     async def chunks() -> AsyncIterator[bytes]:
@@ -150,7 +155,7 @@ async def test_streamed_oversized_body_is_413(rig) -> None:
     assert upstream.requests == []
 
 
-async def test_shutting_down_is_503(rig) -> None:
+async def test_shutting_down_is_503(rig: Rig) -> None:
     client, service, _ = rig
     service.closing = True
     body = _form(event="ONOFFLINEEVENT", auth={"member_id": MEMBER, "application_token": APP_TOKEN})
@@ -159,7 +164,7 @@ async def test_shutting_down_is_503(rig) -> None:
     service.closing = False
 
 
-async def test_error_bodies_never_echo_tokens(rig) -> None:
+async def test_error_bodies_never_echo_tokens(rig: Rig) -> None:
     client, _service, _ = rig
     secret = "s" * 40
     body = _form(event="ONAPPUNINSTALL", auth={"member_id": MEMBER, "application_token": secret})
@@ -168,7 +173,7 @@ async def test_error_bodies_never_echo_tokens(rig) -> None:
     assert secret not in response.text
 
 
-async def test_notification_metrics_count_outcomes(rig) -> None:
+async def test_notification_metrics_count_outcomes(rig: Rig) -> None:
     client, service, _ = rig
     await client.post("/bitrix24/events", content=b"event=ONOFFLINEEVENT", headers=FORM)
     await client.post("/bitrix24/events", content=b"x", headers={"content-type": "text/plain"})
@@ -183,7 +188,7 @@ async def test_notification_metrics_count_outcomes(rig) -> None:
     assert (unauthorized, unsupported) == (1.0, 1.0)
 
 
-async def test_claimed_installs_are_rationed(rig) -> None:
+async def test_claimed_installs_are_rationed(rig: Rig) -> None:
     client, _service, upstream = rig
     body = _form(
         event="ONAPPINSTALL",
@@ -207,7 +212,7 @@ def _notification(ts: int) -> bytes:
     )
 
 
-async def test_a_repeated_body_is_parsed_once(rig, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_repeated_body_is_parsed_once(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
     client, service, _ = rig
     webhook._parse_cached.cache_clear()
     decoded: list[str] = []
@@ -227,7 +232,7 @@ async def test_a_repeated_body_is_parsed_once(rig, monkeypatch: pytest.MonkeyPat
     assert _session(service).drainer._pending_ts == 2.0
 
 
-async def test_a_repeated_body_is_authenticated_every_time(rig) -> None:
+async def test_a_repeated_body_is_authenticated_every_time(rig: Rig) -> None:
     client, service, _ = rig
     body = _notification(3)
     assert (await client.post("/bitrix24/events", content=body, headers=FORM)).status_code == 200
@@ -237,7 +242,7 @@ async def test_a_repeated_body_is_authenticated_every_time(rig) -> None:
     assert response.status_code == 401
 
 
-async def test_the_parse_cache_is_bounded(rig) -> None:
+async def test_the_parse_cache_is_bounded(rig: Rig) -> None:
     client, _service, _ = rig
     webhook._parse_cached.cache_clear()
     for body in (b"event=", b"data=1", b"\xff=1"):  # refused bodies are not kept

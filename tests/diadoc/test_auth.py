@@ -47,6 +47,7 @@ def diadoc() -> Iterator[DiadocEmulatorServer]:
 async def state(state_backend: Backend) -> AsyncIterator[State]:
     """The SQLite file and PostgreSQL in turn."""
     state = await state_backend.open()
+    # PgState mirrors State method for method; the Diadoc classes name the SQLite one
     yield state  # type: ignore[misc]
     await state.close()
 
@@ -64,6 +65,7 @@ async def restart_works(
     state = await backend.open()
     try:
         async with httpx.AsyncClient() as http:
+            # PgState mirrors State method for method; the Diadoc classes name the SQLite one.
             client = emulated_client(diadoc, state, http, bootstrap)  # type: ignore[arg-type]
             await client.docflow_events("box-a", REQUEST)
     finally:

@@ -35,6 +35,7 @@ def diadoc() -> Iterator[DiadocEmulatorServer]:
 async def state(state_backend: Backend) -> AsyncIterator[State]:
     """The SQLite file and PostgreSQL in turn: the client keeps its rotating token in either."""
     state = await state_backend.open()
+    # PgState mirrors State method for method; the Diadoc classes name the SQLite one
     yield state  # type: ignore[misc]
     await state.close()
 
@@ -159,7 +160,8 @@ async def test_stored_refresh_token_is_encrypted_with_the_state_key(
 
     state = await state_backend.open([Fernet.generate_key()])
     try:
-        client = emulated_client(diadoc, state, http, diadoc.model.issue_refresh_token())
+        # PgState mirrors State method for method
+        client = emulated_client(diadoc, state, http, diadoc.model.issue_refresh_token())  # type: ignore[arg-type]
         await client.docflow_events("box-a", REQUEST)
         raw = await state.cursor(AUTH_SOURCE, REFRESH_KEY)
         plain = await state.source_secret(AUTH_SOURCE, REFRESH_KEY)

@@ -53,7 +53,8 @@ def test_notices_are_counted_every_time_and_logged_once(caplog: pytest.LogCaptur
     assert sample("api_deprecation_notices_total", version="V3", header="deprecation") == 1
     assert sample("api_sunset_timestamp_seconds", version="V3") == SUNSET_TS
     lines = [r for r in caplog.records if "retirement" in r.getMessage()]
-    assert [(r.header, r.value) for r in lines] == [  # type: ignore[attr-defined]
+    # The header and its value are logging extras.
+    assert [(r.__dict__["header"], r.__dict__["value"]) for r in lines] == [
         ("Sunset", SUNSET),
         ("Deprecation", "@1800000000"),
     ]

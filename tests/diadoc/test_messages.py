@@ -4,6 +4,7 @@ an event malformed."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -125,7 +126,7 @@ def test_ticks_in_the_proto3_string_form_are_read() -> None:
         (lambda e: e.update(Timestamp={"Ticks": True}), "no Timestamp.Ticks"),
     ],
 )
-def test_malformed_events_say_why(mangle: Any, reason: str) -> None:
+def test_malformed_events_say_why(mangle: Callable[[dict[str, Any]], object], reason: str) -> None:
     raw = kontur_v5_event()
     mangle(raw)
     with pytest.raises(MalformedEvent, match=reason):

@@ -10,6 +10,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from typing import TypedDict, Unpack
 
 import psycopg
 import pytest
@@ -20,10 +21,17 @@ from tests.plugins.tcpproxy import TcpProxy
 from tests.waiting import eventually
 
 
+class LeaseOptions(TypedDict, total=False):
+    shards: int
+    ttl: float
+    renew_every: float
+    op_timeout: float | None
+
+
 class Replica:
     """A LeaseManager with a log of what it gained and lost."""
 
-    def __init__(self, url: str, name: str, **options: float) -> None:
+    def __init__(self, url: str, name: str, **options: Unpack[LeaseOptions]) -> None:
         self.gained: list[tuple[int, int]] = []
         self.lost: list[tuple[int, int]] = []
         self.on_gained_checks: list[Callable[[int, int], None]] = []
@@ -33,7 +41,7 @@ class Replica:
             f"{name}-{uuid.uuid4().hex[:6]}",
             on_gained=self._gained,
             on_lost=self._lost,
-            **options,  # type: ignore[arg-type]
+            **options,
         )
 
     async def _gained(self, shard: int, epoch: int) -> None:
@@ -56,7 +64,7 @@ class Replica:
 async def replicas(pg_url: str) -> AsyncIterator[Callable[..., Replica]]:
     made: list[Replica] = []
 
-    def make(name: str, url: str = pg_url, **options: float) -> Replica:
+    def make(name: str, url: str = pg_url, **options: Unpack[LeaseOptions]) -> Replica:
         replica = Replica(url, name, **options)
         made.append(replica)
         return replica
@@ -74,7 +82,7 @@ async def holders(url: str) -> dict[int, tuple[str, int]]:
         return {r[0]: (r[1], r[2]) for r in await cur.fetchall()}
 
 
-FAST = {"ttl": 1.5, "renew_every": 0.2}
+FAST: LeaseOptions = {"ttl": 1.5, "renew_every": 0.2}
 
 
 async def test_a_lone_replica_holds_every_shard_at_epoch_one(
@@ -111,7 +119,10 @@ async def test_shards_even_out_within_one_when_replicas_join(
     await b.manager.start()
     await eventually(lambda: (a.count(), b.count()) == (4, 4), "4/4 between two replicas")
     await c.manager.start()
-    counts = lambda: sorted(r.count() for r in (a, b, c))  # noqa: E731
+
+    def counts() -> list[int]:
+        return sorted(r.count() for r in (a, b, c))
+
     await eventually(lambda: counts() == [2, 3, 3], f"2/3/3 over three (now {counts()})")
     # No shard is held twice, locally or in the database.
     owned = [set(r.manager.owned()) for r in (a, b, c)]

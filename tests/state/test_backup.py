@@ -13,6 +13,7 @@ from bridge.core.errors import ConfigError, StateError
 from bridge.state import Portal, State
 from bridge.state.backup import backup
 from tests.harness import BridgeProcess, bridge_env, emulated_portal
+from tests.plugins.broker import AmqpNamespace
 from tests.test_cli import run as run_cli
 
 KEY = "c2VjcmV0LWtleS1mb3ItdGVzdHMtMzItYnl0ZXMhISE="
@@ -97,7 +98,7 @@ def test_a_corrupt_state_file_fails_without_a_copy(tmp_path: Path) -> None:
         backup(str(tmp_path / "absent"), str(target))
 
 
-async def test_backup_while_serve_drains(amqp_ns, tmp_path: Path) -> None:
+async def test_backup_while_serve_drains(amqp_ns: AmqpNamespace, tmp_path: Path) -> None:
     # serve writes the journal for every page while the backups run; each copy must be a
     # consistent database holding the portal's live tokens, and serve must not notice.
     async with emulated_portal() as (_server, portal, port):

@@ -173,7 +173,9 @@ def test_the_connector_is_the_batch_requests_not_the_commands(
     client = portal_client_factory(emulator_factory(auto_bind=True))
     client.add({"event": LEAD, "data": {"FIELDS": {"ID": "plain"}}})
     client.add({"event": LEAD, "data": {"FIELDS": {"ID": "crm"}}}, connector="crm")
-    ids = lambda r: [e["EVENT_DATA"]["FIELDS"]["ID"] for e in r["events"]]  # noqa: E731
+
+    def ids(reservation: dict[str, Any]) -> list[str]:
+        return [e["EVENT_DATA"]["FIELDS"]["ID"] for e in reservation["events"]]
 
     # A connector inside the command is ignored: the connector-less queue is read.
     inside = batch(client, {"get": "event.offline.get?clear=0&auth_connector=crm"})["result"]

@@ -182,7 +182,9 @@ def test_without_accept_json_the_answer_is_protobuf(diadoc: DiadocEmulatorServer
     top = dict(_fields(answer.content))
     assert top[1] == 1
     assert top[3] == 1
-    inner = dict(_fields(top[2]))  # type: ignore[arg-type]
+    events = top[2]
+    assert isinstance(events, bytes)
+    inner = dict(_fields(events))
     assert inner[1] == event.event_id.encode()  # DocflowEventV5.EventId
     assert inner[4] == base64.b64decode(event.index_key)  # IndexKey as bytes
 
