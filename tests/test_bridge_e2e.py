@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from datetime import datetime
 from pathlib import Path
 
@@ -90,10 +91,12 @@ async def _journal(state_path: Path) -> list[tuple[str, str, str]]:
 
 
 async def test_sigkill_at_random_moments_loses_nothing(
-    emulated: tuple[EmulatorServer, Portal, int], amqp_ns: AmqpNamespace, tmp_path: Path
+    emulated: tuple[EmulatorServer, Portal, int],
+    amqp_ns: AmqpNamespace,
+    tmp_path: Path,
+    rng: random.Random,
 ) -> None:
     import asyncio
-    import random
 
     from tests.harness import BridgeProcess
 
@@ -103,14 +106,14 @@ async def test_sigkill_at_random_moments_loses_nothing(
     env = await bridge_env(portal, amqp_ns, state_path, BRIDGE_HTTP_PORT=str(port))
     bridge = BridgeProcess(env, tmp_path / "bridge.log")
     total = 10_000  # several seconds of drain, so each kill lands inside it
-    rng = random.Random()
     kills = 0
     try:
         await portal.generate("ONCRMLEADADD", total)
         for _ in range(4):
             bridge.start()
             await bridge.wait_live()
-            # Somewhere inside the drain: before, during or after a page.
+            # Somewhere inside the drain: before, during or after a page. The random moment
+            # is the test's subject, not a wait for something.
             await asyncio.sleep(rng.uniform(0.05, 1.5))
             bridge.kill()
             kills += 1

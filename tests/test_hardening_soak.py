@@ -131,10 +131,12 @@ def _journal_size(path: Path) -> int:
 
 @pytest.mark.slow
 async def test_soak(
-    emulated: tuple[EmulatorServer, Portal, int], amqp_url: str, tmp_path: Path
+    emulated: tuple[EmulatorServer, Portal, int],
+    amqp_url: str,
+    tmp_path: Path,
+    rng: random.Random,
 ) -> None:
     _server, portal, port = emulated
-    rng = random.Random()
     ns = AmqpNamespace(amqp_url, "soak" + os.urandom(4).hex())
     exchange = ns.exchange(EVENT.lower())
     # Declared (durable, exactly as the bridge declares) and bound before the first event.
