@@ -189,7 +189,7 @@ async def test_broker_nack_keeps_events_reserved_until_accepted(
         tmp_path / "state.sqlite3",
         BRIDGE_HTTP_PORT=str(port),
         BRIDGE_POLL_INTERVAL="0.5",
-        BRIDGE_POISON_ATTEMPTS="1000",  # parking is tested in tests/bitrix24/test_poison.py
+        BRIDGE_POISON_ATTEMPTS="1000",  # parking is tested in tests/bitrix24/test_poison*.py
     )
     async with bridge_in_process(env) as bridge:
         await portal.generate("ONCRMLEADADD", 120)

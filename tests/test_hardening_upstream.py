@@ -7,7 +7,7 @@ each answer that carries ``event.offline.get`` results. While it does, no damage
 published, a damaged answer clears nothing, and every reserved event stays journaled; the
 undamaged events of a page may go through (one bad row must not hold a portal). Once it stops,
 every event arrives and the portal queue and journal end empty. (Parking after repeated
-failures is tested in ``tests/bitrix24/test_poison.py``; here the attempts are unlimited.)
+failures is tested in ``tests/bitrix24/test_poison*.py``; here the attempts are unlimited.)
 
 Checked by breaking the code on purpose (then restored): with ``messages.to_message`` accepting
 any ``MESSAGE_ID`` the ``short_message_id`` case publishes during corruption and fails.

@@ -18,8 +18,10 @@ import pytest
 from bridge.amqp.protocol import OutgoingMessage, PublishResult
 from bridge.amqp.publisher import AmqpPublisher as Publisher
 from bridge.amqp.publisher import BrokerUnavailable, ExchangeMissing
+from tests.harness import until
 from tests.plugins.broker import AmqpNamespace
 from tests.plugins.tcpproxy import TcpProxy
+from tests.waiting import holds
 
 EVENT = "ONCRMDEALUPDATE"
 DOMAIN = "portal.example"
@@ -95,16 +97,6 @@ async def publisher(amqp_ns: AmqpNamespace) -> AsyncIterator[Publisher]:
     await p.start()
     yield p
     await p.close()
-
-
-async def eventually(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            return False
-        await asyncio.sleep(0.02)
-    return True
 
 
 # -- what arrives ---------------------------------------------------------------------------
@@ -288,7 +280,7 @@ async def test_exchange_deleted_behind_our_back_is_declared_again(
 
     assert result.failed == ((messages[1], "missing_exchange"),)
     # The broker closed the publishing channel (404); the publisher opens a new one.
-    assert await eventually(lambda: changes == [True, False, True])
+    await until(holds(lambda: changes == [True, False, True]), "a new channel", timeout=10)
     assert (await publisher.publish(messages[2:])).confirmed == (messages[2],)
     await amqp_ns.declare_exchange(messages[0].exchange, passive=True)
 
@@ -462,9 +454,8 @@ async def test_blocked_connection_waits_and_times_out_without_losing_the_connect
     saved = _rabbitmqctl_eval("vm_memory_monitor:get_vm_memory_high_watermark().")
     _rabbitmqctl_eval("vm_memory_monitor:set_vm_memory_high_watermark({absolute, 1}).")
     try:
-        assert await eventually(
-            lambda: "memory" in _rabbitmqctl_eval("rabbit_alarm:get_alarms()."), 15
-        )
+        alarm = holds(lambda: "memory" in _rabbitmqctl_eval("rabbit_alarm:get_alarms()."))
+        await until(alarm, "the memory alarm", timeout=15)
         result = await publisher.publish(messages[1:])
     finally:
         _rabbitmqctl_eval(f"vm_memory_monitor:set_vm_memory_high_watermark({saved}).")
@@ -537,7 +528,7 @@ async def test_a_stall_longer_than_the_confirm_timeout_stores_one_copy_per_messa
     amqp_proxy.resume()
 
     # Once the broker answers, the retry learns the first copy was stored: confirmed, unsent.
-    assert await eventually(lambda: len(collector.messages) >= 20)
+    await until(holds(lambda: len(collector.messages) >= 20), "the first copies", timeout=10)
     sent_before = amqp_proxy.bytes_up
     result = await publisher.publish(messages[1:])
     assert result.confirmed == tuple(messages[1:])

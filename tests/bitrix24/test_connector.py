@@ -8,13 +8,12 @@ only inside its commands drained the connector-less queue: another integration's
 
 from __future__ import annotations
 
-import asyncio
 import json
 from pathlib import Path
 from typing import Any
 
 from bridge.emulators.bitrix24 import EmulatorServer
-from tests.harness import Portal, bridge_env, bridge_in_process
+from tests.harness import Portal, bridge_env, bridge_in_process, until
 from tests.plugins.broker import AmqpNamespace
 
 
@@ -24,7 +23,7 @@ def _events(prefix: str, count: int) -> list[dict[str, Any]]:
     ]
 
 
-async def _queue(portal: Any, connector: str) -> dict[str, Any]:
+async def _queue(portal: Portal, connector: str) -> dict[str, Any]:
     answer = await portal.http.get("/_emulator/queue", params={"connector": connector})
     data: dict[str, Any] = answer.json()
     return data
@@ -49,11 +48,12 @@ async def test_each_bridge_touches_only_its_own_connectors_queue(
     )
     async with bridge_in_process(env):
         await collector.wait_for(130, timeout=60)
-        for _ in range(100):
+
+        async def crm_drained() -> bool:
             queue = await _queue(portal, "crm")
-            if queue["free"] == 0 and not queue["reserved"]:
-                break
-            await asyncio.sleep(0.05)
+            return queue["free"] == 0 and not queue["reserved"]
+
+        await until(crm_drained, "the crm connector's queue to drain", timeout=10)
         await collector.settle(quiet=0.5)
         crm = await _queue(portal, "crm")
         other = await _queue(portal, "")

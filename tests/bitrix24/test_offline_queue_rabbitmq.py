@@ -1,13 +1,13 @@
-"""The offline queue's own guarantees, driven directly (no webhook, no poll ticks).
-
-Against the emulator and the real RabbitMQ.
+"""The offline queue's own guarantees, driven directly (no webhook, no poll ticks), against the
+emulator over HTTP and the real RabbitMQ: what needs real sockets, a real broker or the drain
+loop. The rules of one pass, in process and on the in-memory publisher, are in
+``test_offline_queue.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,15 +20,15 @@ from bridge.amqp.publisher import AmqpPublisher
 from bridge.bitrix24.messages import Routing
 from bridge.bitrix24.oauth import OAuthClient
 from bridge.bitrix24.offline_queue import OfflineQueue
-from bridge.bitrix24.pages import ConfirmedPage
 from bridge.bitrix24.upstream import PortalClient
 from bridge.core.drainer import Drainer
-from bridge.core.source import PassReport
 from bridge.metrics import Metrics
 from bridge.state import Portal, State
 from tests.bitrix24.test_tokens import _refresh
+from tests.harness import until
 from tests.plugins.broker import AmqpNamespace
 from tests.plugins.emulator import EmulatorFactory
+from tests.waiting import holds
 
 
 @dataclass
@@ -110,24 +110,6 @@ async def make_rig(
         await rig.state.close()
 
 
-async def test_cancelled_while_waiting_for_budget_keeps_the_pages_to_clear(
-    make_rig: MakeRig,
-) -> None:
-    rig: Rig = await make_rig()
-    far = time.monotonic() + 3600
-    rig.client.pacer.budget("event.offline.get").banned_until = far
-    rig.client.pacer.budget("batch").banned_until = far  # not even a clear can go out
-    page = ConfirmedPage("p" * 32, ("m" * 32,), ("ONCRMLEADADD",), done=True)
-    to_clear = [page]
-    waiting = asyncio.create_task(rig.queue._reserve_batch(to_clear, PassReport()))
-    await asyncio.sleep(0.2)
-    assert not waiting.done()
-    waiting.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await waiting
-    assert to_clear == [page], "confirmed pages to clear were forgotten"
-
-
 class AbandoningTransport(httpx.AsyncBaseTransport):
     """The first reservation request gets no answer (a client-side timeout) but reaches the
     portal later, when the test releases it: the portal reserves rows nobody hears about."""
@@ -168,10 +150,11 @@ async def test_an_abandoned_reservation_is_found_without_a_poll_tick(
     drainer = Drainer(rig.queue, metrics=Metrics(), backoff_base=0.2, backoff_cap=0.5)
     drainer.start()
     try:
-        for _ in range(200):  # the abandoned pass, then one that finds the queue empty
-            if drainer.passes >= 2 and drainer.idle.is_set() and drainer.failures == 0:
-                break
-            await asyncio.sleep(0.05)
+        # The abandoned pass, then one that finds the queue empty.
+        settled = holds(
+            lambda: drainer.passes >= 2 and drainer.idle.is_set() and drainer.failures == 0
+        )
+        await until(settled, "a pass after the abandoned one", timeout=10)
         assert transport.held is not None
         assert drainer.passes >= 2
         passes = drainer.passes
@@ -248,21 +231,6 @@ async def test_the_orphan_scan_is_bounded_per_pass_and_resumes(
         await drainer.stop(1)
     assert drainer.passes >= 3
     assert (await fresh.control.get("/_emulator/queue")).json()["reserved"] == {}
-
-
-async def test_a_tight_list_budget_never_keeps_reservations_from_progress(
-    make_rig: MakeRig, amqp_ns: AmqpNamespace
-) -> None:
-    rig: Rig = await make_rig()
-    collector = await amqp_ns.consume(amqp_ns.exchange("oncrmleadadd"))
-    rig.client.pacer.budget("event.offline.list").banned_until = time.monotonic() + 3600
-    events = [{"event": "ONCRMLEADADD", "data": {"FIELDS": {"ID": str(n)}}} for n in range(80)]
-    await rig.control.post("/_emulator/events", json={"events": events})
-    report = await rig.queue.run_pass(full_check=True)
-    assert report.published == 80
-    assert rig.queue.orphans.suspected  # still owed, for a later pass
-    assert await _calls(rig, "event.offline.list") == 0
-    await collector.wait_for(80)
 
 
 class SpyTransport(httpx.AsyncBaseTransport):

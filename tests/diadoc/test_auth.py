@@ -28,8 +28,10 @@ from bridge.emulators.diadoc import DiadocEmulator, DiadocEmulatorServer
 from bridge.metrics import Metrics
 from bridge.state import State
 from tests.diadoc.harness import emulated_client
+from tests.harness import until
 from tests.plugins.broker import AmqpNamespace
 from tests.state_backends import Backend
+from tests.waiting import holds
 
 REQUEST: dict[str, Any] = {
     "Filter": {"FromTimestamp": {"Ticks": 0}, "ToTimestamp": timestamp(4e9)},
@@ -161,8 +163,7 @@ async def test_a_pass_cancelled_after_the_rotation_still_stores_the_token(
             await asyncio.wait_for(hold.rotated.wait(), 10)
             # Shutdown: the pass is cancelled while the rotated token is on its way to the disk.
             stopping = asyncio.create_task(drainer.stop(0))
-            while drainer.alive:
-                await asyncio.sleep(0.01)
+            await until(holds(lambda: not drainer.alive), "the pass to be cancelled", timeout=10)
             assert not stopping.done()  # close waits for the renewal, not only for the pass
             hold.release.set()
             await asyncio.wait_for(stopping, 10)

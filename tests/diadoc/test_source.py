@@ -35,8 +35,10 @@ from bridge.emulators.diadoc.events import DEFECTS
 from bridge.metrics import Metrics
 from bridge.state import State
 from tests.diadoc.harness import emulated_client
+from tests.harness import until
 from tests.plugins.broker import AmqpNamespace, Collector
 from tests.plugins.tcpproxy import TcpProxy
+from tests.waiting import holds
 
 BOX = "box-a"
 
@@ -213,7 +215,7 @@ async def test_late_events_inside_the_window_are_published(
         cursor = await rig.cursor()
         late = diadoc.model.add_events(BOX, age_s=1200)  # filed 20 minutes late, behind
         too_late = diadoc.model.add_events(BOX, age_s=7200)  # outside the window
-        await asyncio.sleep(0.02)
+        await until(holds(rig.feed._rescan_due), "the re-scan interval to pass")
         report = await rig.feed.run_pass(full_check=False)
         assert report.published == 1
         messages = await collector.settle(quiet=0.3)
@@ -256,7 +258,7 @@ async def test_duplicates_are_not_published_again(
         await drain(rig)
         diadoc.model.duplicate(BOX, added[0].key)  # again at the head of the feed
         diadoc.model.duplicate(BOX)
-        await asyncio.sleep(0.02)
+        await until(holds(rig.feed._rescan_due), "the re-scan interval to pass")
         await drain(rig, passes=2)
         messages = await collector.settle(quiet=0.3)
         assert sorted(m.message_id or "" for m in messages) == sorted(e.key for e in added)
@@ -289,7 +291,7 @@ async def test_the_rescan_reads_bare_events_and_fetches_documents_only_for_late_
         await drain(rig)  # the first pass re-scans the (known) window: no document fetched
         first = [r["body"] for r in diadoc.model.requests]
         late = diadoc.model.add_events(BOX, age_s=6 * 3600, document_type="Invoice", documents=2)
-        await asyncio.sleep(0.02)
+        await until(holds(rig.feed._rescan_due), "the re-scan interval to pass")
         report = await rig.feed.run_pass(full_check=False)
         assert report.published == 2
         messages = await invoices.wait_for(2)  # routed by their type: the document was fetched
@@ -381,7 +383,7 @@ async def test_a_late_tie_cut_by_a_rescan_page_is_read_whole(
         await drain(rig)
         # Filed late, behind the cursor, and across the re-scan's first page boundary (100).
         tie = diadoc.model.add_events(BOX, count=5, tied=True, age_s=2 * 3600)
-        await asyncio.sleep(0.02)
+        await until(holds(rig.feed._rescan_due), "the re-scan interval to pass")
         await drain(rig)
         counts = Counter(m.message_id for m in await collector.settle(quiet=0.3))
         assert {e.key for e in tie} <= set(counts)
@@ -432,7 +434,7 @@ async def test_a_malformed_event_is_recorded_counted_and_passed(
         # The cursor passed both: the box is not frozen behind them.
         assert (await rig.cursor()).after == bad[-1].index_key
         good += diadoc.model.add_events(BOX, count=2)
-        await asyncio.sleep(0.02)
+        await until(holds(rig.feed._rescan_due), "the re-scan interval to pass")
         await drain(rig, passes=2)  # read again by the re-scans: recorded and counted once
         ids = {m.message_id for m in await collector.settle(quiet=0.3)}
         assert ids == {e.key for e in good}
@@ -557,12 +559,6 @@ async def test_a_new_process_counts_the_lag_from_the_last_catch_up_on_record(
         await rig.close()
 
 
-async def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(0.01)
-
-
 async def test_retry_after_sets_the_box_back_off(
     diadoc: DiadocEmulatorServer,
     amqp_ns: AmqpNamespace,
@@ -579,7 +575,7 @@ async def test_retry_after_sets_the_box_back_off(
         def scheduled() -> list[logging.LogRecord]:
             return [r for r in caplog.records if r.getMessage() == "drain retry scheduled"]
 
-        await wait_until(lambda: bool(scheduled()))
+        await until(holds(scheduled), "a scheduled retry", timeout=10)
         assert scheduled()[0].__dict__["delay_s"] >= 120  # a logging extra
         assert diadoc.model.counters()["statuses"] == {"503": 1}
         assert drainer.stopped is None
@@ -598,7 +594,7 @@ async def test_404_and_415_stop_the_box_with_a_reason(
     drainer = PolledDrainer(rig.feed, metrics=metrics, interval=60, backoff_base=0.01)
     drainer.start()
     try:
-        await wait_until(lambda: drainer.stopped is not None)
+        await until(holds(lambda: drainer.stopped is not None), "the box to stop", timeout=10)
         assert f"HTTP {status}" in (drainer.stopped or "")
         assert why in (drainer.stopped or "")
         stopped = metrics.registry.get_sample_value(

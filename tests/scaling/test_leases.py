@@ -17,8 +17,9 @@ import pytest
 
 from bridge.core.errors import ConfigError, LeaseLost
 from bridge.scaling.leases import LeaseManager
+from tests.harness import until
 from tests.plugins.tcpproxy import TcpProxy
-from tests.waiting import eventually
+from tests.waiting import holds
 
 
 class LeaseOptions(TypedDict, total=False):
@@ -91,7 +92,7 @@ async def test_a_lone_replica_holds_every_shard_at_epoch_one(
     a = replicas("a", shards=4, **FAST)
     await a.manager.start()
     assert a.manager.owned() == {0: 1, 1: 1, 2: 1, 3: 1}
-    await eventually(lambda: len(a.gained) == 4, "gained events")
+    await until(holds(lambda: len(a.gained) == 4), "gained events")
     assert sorted(a.gained) == [(0, 1), (1, 1), (2, 1), (3, 1)]
     assert await holders(pg_url) == {s: (a.manager.replica_id, 1) for s in range(4)}
     fence = a.manager.fence(2)
@@ -117,13 +118,13 @@ async def test_shards_even_out_within_one_when_replicas_join(
     a, b, c = (replicas(n, shards=8, **FAST) for n in ("a", "b", "c"))
     await a.manager.start()
     await b.manager.start()
-    await eventually(lambda: (a.count(), b.count()) == (4, 4), "4/4 between two replicas")
+    await until(holds(lambda: (a.count(), b.count()) == (4, 4)), "4/4 between two replicas")
     await c.manager.start()
 
     def counts() -> list[int]:
         return sorted(r.count() for r in (a, b, c))
 
-    await eventually(lambda: counts() == [2, 3, 3], f"2/3/3 over three (now {counts()})")
+    await until(holds(lambda: counts() == [2, 3, 3]), "2/3/3 over three")
     # No shard is held twice, locally or in the database.
     owned = [set(r.manager.owned()) for r in (a, b, c)]
     assert set.union(*owned) == set(range(8))
@@ -143,7 +144,7 @@ async def test_a_killed_replica_is_taken_over_after_the_ttl_with_the_next_epoch(
     b = replicas("b", shards=2, **FAST)
     await a.manager.start()
     await b.manager.start()
-    await eventually(lambda: (a.count(), b.count()) == (1, 1), "1/1")
+    await until(holds(lambda: (a.count(), b.count()) == (1, 1)), "1/1")
     ((shard, epoch),) = a.manager.owned().items()
     deadline = a.manager.deadline(shard)
     assert deadline is not None
@@ -154,7 +155,7 @@ async def test_a_killed_replica_is_taken_over_after_the_ttl_with_the_next_epoch(
         lambda s, e: seen.append((a.manager.owns(s), time.monotonic() >= deadline))
     )
     await a.manager.halt()  # no release, no more renewals: what SIGKILL leaves behind
-    await eventually(lambda: bool(seen), "takeover by b")  # seen once b's on_gained ran
+    await until(holds(lambda: bool(seen)), "takeover by b")  # seen once b's on_gained ran
     assert b.manager.owned()[shard] == epoch + 1
     assert seen == [(False, True)]
 
@@ -175,10 +176,10 @@ async def test_graceful_hand_over_is_immediate_and_waits_for_the_page_in_flight(
 
     a.on_lost_checks.append(finish_page)
     await b.manager.start()
-    await eventually(lambda: (a.count(), b.count()) == (2, 2), "2/2 after a hand-over")
+    await until(holds(lambda: (a.count(), b.count()) == (2, 2)), "2/2 after a hand-over")
     before = dict(a.manager.owned())
     await a.manager.release_all()
-    await eventually(lambda: b.count() == 4, "b holds everything", timeout=20)
+    await until(holds(lambda: b.count() == 4), "b holds everything", timeout=20)
     for shard, epoch in before.items():
         assert b.manager.owned()[shard] == epoch + 1
     assert held_at_callback == [a.manager.replica_id] * 4
@@ -208,7 +209,7 @@ async def test_a_partitioned_replica_fences_itself_before_anyone_takes_over(
             observed.append((time.monotonic() >= deadline, a.manager.owns(0)))
             return bool(at_takeover)  # b's on_gained has run
 
-        await eventually(observe, "takeover by b")
+        await until(holds(observe), "takeover by b")
         assert a.manager.failed_rounds >= 1
         assert not any(past and owns for past, owns in observed)
         assert at_takeover == [(False, False)]

@@ -12,9 +12,9 @@ from yarl import URL
 
 from bridge.core.errors import StateError
 from bridge.scaling.wakeups import Wakeup, WakeupListener, forward, parse
-from tests.harness import free_port
+from tests.harness import free_port, until
 from tests.plugins.tcpproxy import TcpProxy
-from tests.waiting import eventually
+from tests.waiting import holds
 
 
 def channel() -> str:
@@ -51,7 +51,7 @@ async def test_a_wakeup_sent_on_one_connection_reaches_the_listener(heard: Heard
     await heard.send(Wakeup("m-1", 1700000000.5))
     await heard.send(Wakeup("m-2"))
     await forward(heard.sender, Wakeup("m-3"), channel="another_channel")
-    await eventually(lambda: len(heard.wakeups) >= 2, "two wake-ups")
+    await until(holds(lambda: len(heard.wakeups) >= 2), "two wake-ups")
     assert heard.wakeups == [Wakeup("m-1", 1700000000.5), Wakeup("m-2", None)]
 
 
@@ -59,7 +59,7 @@ async def test_a_wakeup_inside_a_transaction_is_sent_on_commit_only(heard: Heard
     async with heard.sender.transaction(force_rollback=True):
         await heard.send(Wakeup("rolled-back"))
     await heard.send(Wakeup("committed"))
-    await eventually(lambda: len(heard.wakeups) >= 1, "the committed wake-up")
+    await until(holds(lambda: len(heard.wakeups) >= 1), "the committed wake-up")
     assert heard.wakeups == [Wakeup("committed")]
 
 
@@ -70,7 +70,7 @@ async def test_malformed_payloads_are_ignored_and_bad_input_sends_nothing(heard:
         with pytest.raises(ValueError, match="member id"):
             await heard.send(Wakeup(member_id))
     await heard.send(Wakeup("m-ok"))
-    await eventually(lambda: len(heard.wakeups) >= 1, "the good wake-up")
+    await until(holds(lambda: len(heard.wakeups) >= 1), "the good wake-up")
     assert heard.wakeups == [Wakeup("m-ok")]
     assert heard.listener.rejected == 4
 
@@ -97,11 +97,11 @@ async def test_the_listener_comes_back_after_its_connection_is_cut(pg_url: str) 
         await listener.start()
         try:
             assert proxy.cut() == 1
-            await eventually(lambda: listener.reconnects >= 1, "a reconnect")
+            await until(holds(lambda: listener.reconnects >= 1), "a reconnect")
             assert gaps == [True] * listener.reconnects
             async with await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as sender:
                 await forward(sender, Wakeup("after-cut"), channel=name)
-            await eventually(lambda: Wakeup("after-cut") in heard, "the wake-up after the cut")
+            await until(holds(lambda: Wakeup("after-cut") in heard), "the wake-up after the cut")
         finally:
             await listener.stop()
 
