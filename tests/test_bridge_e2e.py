@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
 
 import pytest
 
 from bridge.emulators.bitrix24 import EmulatorServer
-from tests.harness import InProcessBridge, Portal, bridge_env, bridge_in_process
+from tests.harness import InProcessBridge, Portal, bridge_env, bridge_in_process, until
 from tests.plugins.broker import AmqpNamespace
 from tests.plugins.tcpproxy import TcpProxy
+from tests.waiting import holds
 
 EVENTS = ["ONCRMLEADADD", "ONCRMLEADUPDATE", "ONCRMDEALADD", "ONCRMDEALUPDATE", "ONCRMCONTACTADD"]
 
@@ -139,7 +141,6 @@ async def test_broker_connection_cut_mid_page_loses_nothing(
     amqp_proxy: TcpProxy,
     tmp_path: Path,
 ) -> None:
-    import asyncio
 
     _server, portal, port = emulated
     collector = await amqp_ns.consume(amqp_ns.exchange("oncrmleadadd"))
@@ -155,11 +156,17 @@ async def test_broker_connection_cut_mid_page_loses_nothing(
         session = next(iter(bridge.service.sessions.values()))
         await session.drainer.idle.wait()
         cleared_before_cut: list[int] = []
+
+        def more_links_than(links: int) -> Callable[[], Awaitable[bool]]:
+            return holds(lambda: amqp_proxy.accepted > links)
+
         for round_ in range(3):
             await portal.generate("ONCRMLEADADD", total // 4, start_id=round_ * 1000 + 1)
-            # Cut in the middle of a frame, a few pages into the drain.
+            # Cut in the middle of a frame, a few pages into the drain; then the publisher
+            # connects again.
+            links = amqp_proxy.accepted
             amqp_proxy.cut_after(20_000 + round_ * 7_000)
-            await asyncio.sleep(1.0)
+            await until(more_links_than(links), "a cut and a reconnect")
             cleared_before_cut.append(len(collector.message_ids))
         await portal.generate("ONCRMLEADADD", total // 4, start_id=5001)
         await portal.wait_empty(timeout=120)
@@ -175,7 +182,6 @@ async def test_broker_connection_cut_mid_page_loses_nothing(
 async def test_broker_nack_keeps_events_reserved_until_accepted(
     emulated: tuple[EmulatorServer, Portal, int], amqp_ns: AmqpNamespace, tmp_path: Path
 ) -> None:
-    import asyncio
 
     _server, portal, port = emulated
     exchange = amqp_ns.exchange("oncrmleadadd")
@@ -194,13 +200,12 @@ async def test_broker_nack_keeps_events_reserved_until_accepted(
     async with bridge_in_process(env) as bridge:
         await portal.generate("ONCRMLEADADD", 120)
         registry = bridge.service.metrics.registry
-        for _ in range(100):
-            nacks = registry.get_sample_value(
-                "bitrix24_bridge_publish_failures_total", {"reason": "nack"}
-            )
-            if nacks and nacks >= 50:
-                break
-            await asyncio.sleep(0.1)
+
+        def nacks() -> float:
+            labels = {"reason": "nack"}
+            return registry.get_sample_value("bitrix24_bridge_publish_failures_total", labels) or 0
+
+        await until(holds(lambda: nacks() >= 50), "50 nacks", timeout=10)
         queue = await portal.queue()
         # Nothing was cleared: every event is still in the portal, reserved or free.
         assert queue["free"] + sum(queue["reserved"].values()) == 120
@@ -220,6 +225,9 @@ async def test_broker_nack_keeps_events_reserved_until_accepted(
     assert len(set(collector.message_ids)) == 120
 
 
+REFRESHES = "bitrix24_bridge_token_refreshes_total"
+
+
 def _sample(bridge: InProcessBridge, name: str, labels: dict[str, str]) -> float:
     value = bridge.service.metrics.registry.get_sample_value(name, labels)
     return value or 0.0
@@ -231,7 +239,6 @@ async def test_upstream_faults_during_a_drain_lose_nothing(
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    import asyncio
     import logging
 
     caplog.set_level(logging.INFO, logger="bridge")
@@ -244,15 +251,24 @@ async def test_upstream_faults_during_a_drain_lose_nothing(
     await portal.generate("ONCRMLEADADD", 3000)
     async with bridge_in_process(env) as bridge:
         refreshes = {"outcome": "ok"}
+
+        async def struck() -> bool:
+            left = await portal.faults()  # no change: the faults still waiting to strike
+            return not left["fail_with"] and not left["drop_next_reservation"]
+
         for faults in (
             {"fail": {"event.offline.get": 2}},
             {"fail": {"event.offline.clear": 2}},
             {"fail_with": {"batch": {"error": "QUERY_LIMIT_EXCEEDED", "count": 3}}},
             {"drop_next_reservation": True},
-            {"expire_tokens": True},
         ):
             await portal.faults(**faults)
-            await asyncio.sleep(0.4)
+            await until(struck, f"{faults} to strike")
+        await portal.faults(expire_tokens=True)
+        refreshed = holds(
+            lambda: _sample(bridge, "bitrix24_bridge_token_refreshes_total", refreshes)
+        )
+        await until(refreshed, "a refresh of the expired token")
         await portal.wait_empty(timeout=120)
         await collector.settle(quiet=1.0)
         assert _sample(bridge, "bitrix24_bridge_token_refreshes_total", refreshes) == 1

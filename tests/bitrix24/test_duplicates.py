@@ -74,7 +74,7 @@ async def test_a_broker_stall_longer_than_the_confirm_timeout_costs_at_most_two_
         loop = asyncio.get_running_loop()
         stalled_at = loop.time()
         while loop.time() - stalled_at < 12:
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(0.5)  # the 12 s stall is the test's subject, not a wait
         failures = bridge.service.metrics.registry.get_sample_value(
             "bitrix24_bridge_publish_failures_total", {"reason": "timeout"}
         )

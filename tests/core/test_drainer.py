@@ -7,6 +7,8 @@ from bridge.core.drainer import Drainer
 from bridge.core.errors import PortalStopped, TransientError
 from bridge.core.source import PassReport
 from bridge.metrics import Metrics
+from tests.harness import until
+from tests.waiting import holds
 
 
 class FakeSource:
@@ -62,7 +64,7 @@ async def test_notifications_during_a_pass_coalesce_into_one_more() -> None:
     source.gate = asyncio.Event()
     drainer = Drainer(source, metrics=Metrics())
     drainer.start()
-    await asyncio.sleep(0.01)
+    await until(holds(lambda: source.running == 1), "the first pass")
     assert source.passes == 1
     for ts in range(2000, 2100):
         drainer.notify(float(ts))
@@ -80,9 +82,10 @@ async def test_notification_already_covered_costs_nothing() -> None:
     drainer.start()
     await _settle(drainer)
     assert source.passes == 1
-    # A replayed notification from before the empty answer: covered.
+    # A replayed notification from before the empty answer: covered, so nothing wakes the loop.
     assert drainer.notify(999.0) is False
-    await asyncio.sleep(0.05)
+    assert not drainer._wake.is_set()
+    assert drainer.idle.is_set()
     assert source.passes == 1
     # One sent in the same second as the empty answer is not provably covered: drain.
     assert drainer.notify(1000.0) is True
@@ -96,7 +99,7 @@ async def test_covered_check_also_applies_to_notifications_queued_during_a_pass(
     source.gate = asyncio.Event()
     drainer = Drainer(source, metrics=Metrics())
     drainer.start()
-    await asyncio.sleep(0.01)
+    await until(holds(lambda: source.running == 1), "the first pass")
     drainer.notify(1200.0)
     source.covered_until = 1300.0  # the pass's empty answer came after the notification
     source.gate.set()
@@ -110,10 +113,7 @@ async def test_failed_pass_is_retried_after_backoff_with_full_check() -> None:
     source.fail_next = [TransientError("QUERY_LIMIT_EXCEEDED")]
     drainer = Drainer(source, metrics=Metrics(), backoff_base=0.05, backoff_cap=0.05)
     drainer.start()
-    for _ in range(100):
-        if source.passes >= 2:
-            break
-        await asyncio.sleep(0.02)
+    await until(holds(lambda: source.passes >= 2), "the retry after the back-off")
     await _settle(drainer)
     assert source.passes == 2
     assert source.full_checks == [True, True]
@@ -131,7 +131,8 @@ async def test_configuration_error_stops_the_portal() -> None:
     assert drainer.stopped is not None
     assert "WRONG_LICENSE" in drainer.stopped
     drainer.notify(5000.0)
-    await asyncio.sleep(0.05)
+    # A stopped portal sits out notifications: the loop waits for a resume, not for them.
+    await asyncio.sleep(0.05)  # a window in which no pass may start: the subject
     assert source.passes == 1
     value = metrics.registry.get_sample_value(
         "bitrix24_bridge_portal_stopped", {"portal": "fake.example"}
@@ -145,7 +146,7 @@ async def test_stop_waits_for_the_pass_then_cancels_after_grace() -> None:
     source.gate = asyncio.Event()
     drainer = Drainer(source, metrics=Metrics())
     drainer.start()
-    await asyncio.sleep(0.01)
+    await until(holds(lambda: source.running == 1), "the pass to start")
     await drainer.stop(0.05)
     assert source.stop_requested
     assert not drainer.alive
@@ -162,15 +163,14 @@ async def test_same_second_notifications_are_paced_by_the_request_rate() -> None
     started = asyncio.get_running_loop().time()
     for _ in range(50):
         drainer.notify(1000.0)
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0.01)  # notifications spread over half a second: the subject
     await _settle(drainer)
     elapsed = asyncio.get_running_loop().time() - started
     assert 2 <= source.passes <= 1 + int(elapsed / 0.3) + 1
     # A notification from a later second is not paced.
     before = source.passes
     drainer.notify(1001.0)
-    await asyncio.sleep(0.02)
-    assert source.passes == before + 1
+    await until(holds(lambda: source.passes == before + 1), "the unpaced pass")
     await drainer.stop(1)
 
 
@@ -181,16 +181,15 @@ async def test_a_replayed_notification_does_not_wake_the_loop_again() -> None:
     try:
         await _settle(drainer)
         drainer.notify(1000.5)  # the same second as the empty answer: due, but paced
-        await asyncio.sleep(0.01)
-        assert not drainer._wake.is_set()  # the loop sits out min_gap
+        # The loop takes the wake-up and sits out min_gap.
+        await until(holds(lambda: not drainer._wake.is_set()), "the loop to take the wake-up")
         for _ in range(100):
             assert drainer.notify(1000.5)
             assert drainer.notify(1000.0)
         assert not drainer._wake.is_set()  # nothing new: it sleeps on
         assert source.passes == 1
         drainer.notify(1001.0)  # a later second wakes it and runs at once
-        await asyncio.sleep(0.01)
-        assert source.passes == 2
+        await until(holds(lambda: source.passes == 2), "the pass of a later second", timeout=1)
     finally:
         await drainer.stop(1)
 
@@ -202,12 +201,9 @@ async def test_operating_time_limit_waits_for_the_reset() -> None:
     loop = asyncio.get_running_loop()
     started = loop.time()
     drainer.start()
-    for _ in range(200):
-        if source.passes >= 2:
-            break
-        await asyncio.sleep(0.01)
+    await until(holds(lambda: source.passes >= 2), "the pass after the reset")
     assert source.passes == 2
-    assert loop.time() - started >= 0.4
+    assert loop.time() - started >= 0.4  # not before the portal's reset: the subject
     await drainer.stop(1)
 
 
@@ -218,13 +214,9 @@ async def test_a_stopped_source_is_checked_again_after_its_recheck_time() -> Non
     drainer = Drainer(source, metrics=Metrics())
     drainer.on_stop = reasons.append
     drainer.start()
-    await asyncio.sleep(0.1)
-    assert drainer.stopped is not None
-    assert "METHOD_CONFIRM_WAITING" in drainer.stopped
-    for _ in range(100):
-        if drainer.stopped is None and source.passes >= 2:
-            break
-        await asyncio.sleep(0.02)
+    await until(holds(lambda: drainer.stopped is not None), "the stop")
+    assert "METHOD_CONFIRM_WAITING" in (drainer.stopped or "")
+    await until(holds(lambda: drainer.stopped is None and source.passes >= 2), "the re-check")
     assert drainer.stopped is None
     assert source.passes == 2
     assert reasons == ["METHOD_CONFIRM_WAITING", None]
@@ -236,9 +228,9 @@ async def test_a_stop_without_a_recheck_stays_until_resumed() -> None:
     source.fail_next = [PortalStopped("OVERLOAD_LIMIT", recheck_after=None)]
     drainer = Drainer(source, metrics=Metrics())
     drainer.start()
-    await asyncio.sleep(0.3)
+    await until(holds(lambda: drainer.stopped is not None), "the stop")
     drainer.notify(None)
-    await asyncio.sleep(0.2)
+    await asyncio.sleep(0.2)  # a window in which no pass may start: the subject
     assert source.passes == 1
     assert drainer.stopped is not None
     drainer.resume()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -18,6 +17,7 @@ from bridge.emulators.bitrix24 import EmulatorServer
 from bridge.scaling.leases import LeaseManager
 from bridge.state import Portal
 from bridge.state.pg import PgState
+from tests.harness import until
 from tests.state.test_state import proof
 
 
@@ -165,10 +165,7 @@ async def test_two_replicas_refreshing_at_once_present_the_refresh_token_once(
 
         async def once_the_other_waits() -> None:
             # Hold the row lock until the other replica is queued behind it.
-            deadline = time.monotonic() + 20
-            while not await waiting_on_a_lock(pg_url):
-                assert time.monotonic() < deadline, "the second refresher never waited"
-                await asyncio.sleep(0.02)
+            await until(lambda: waiting_on_a_lock(pg_url), "the second refresher to wait", 20)
 
         first, second = await asyncio.gather(
             a.refresh_portal(
