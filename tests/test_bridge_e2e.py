@@ -7,6 +7,7 @@ import random
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -226,6 +227,7 @@ async def test_broker_nack_keeps_events_reserved_until_accepted(
 
 
 REFRESHES = "bitrix24_bridge_token_refreshes_total"
+EXTRA = 100  # events added with each injected fault
 
 
 def _sample(bridge: InProcessBridge, name: str, labels: dict[str, str]) -> float:
@@ -256,18 +258,19 @@ async def test_upstream_faults_during_a_drain_lose_nothing(
             left = await portal.faults()  # no change: the faults still waiting to strike
             return not left["fail_with"] and not left["drop_next_reservation"]
 
-        for faults in (
+        in_turn: list[dict[str, Any]] = [
             {"fail": {"event.offline.get": 2}},
             {"fail": {"event.offline.clear": 2}},
             {"fail_with": {"batch": {"error": "QUERY_LIMIT_EXCEEDED", "count": 3}}},
             {"drop_next_reservation": True},
-        ):
+        ]
+        for step, faults in enumerate(in_turn):
             await portal.faults(**faults)
+            # Fresh events, so there is a reservation and a clear for the fault to strike.
+            await portal.generate("ONCRMLEADADD", EXTRA, start_id=20_000 + step * 1000)
             await until(struck, f"{faults} to strike")
         await portal.faults(expire_tokens=True)
-        refreshed = holds(
-            lambda: _sample(bridge, "bitrix24_bridge_token_refreshes_total", refreshes)
-        )
+        refreshed = holds(lambda: _sample(bridge, REFRESHES, refreshes))
         await until(refreshed, "a refresh of the expired token")
         await portal.wait_empty(timeout=120)
         await collector.settle(quiet=1.0)
@@ -275,7 +278,7 @@ async def test_upstream_faults_during_a_drain_lose_nothing(
         assert bridge.service.state is not None
         journal = await bridge.service.state.journal_all()
     assert journal == []
-    assert len(set(collector.message_ids)) == 3000
+    assert len(set(collector.message_ids)) == 3000 + 4 * EXTRA
     stats = await portal.stats()
     for code in (
         "INTERNAL_SERVER_ERROR",
@@ -294,7 +297,7 @@ async def test_upstream_faults_during_a_drain_lose_nothing(
         await portal.wait_empty(timeout=60)
         await collector.settle(quiet=0.5)
         assert _sample(bridge, "bitrix24_bridge_token_refreshes_total", {"outcome": "ok"}) == 1
-    assert len(set(collector.message_ids)) == 3010
+    assert len(set(collector.message_ids)) == 3010 + 4 * EXTRA
 
 
 async def test_forged_and_malformed_notifications_cause_no_rest_call(

@@ -52,7 +52,12 @@ async def make_rig(
 
     async def make(transport: httpx.AsyncBaseTransport | None = None, **queue_kw: Any) -> Rig:
         server = emulator_factory(auto_bind=True, rate_limit=None)
-        control = httpx.AsyncClient(base_url=server.base_url)
+        # Idle connections are dropped after 1 s, before uvicorn's own keep-alive timeout (5 s,
+        # uvicorn/config.py) can close one under a request: httpx's default expiry is 5 s too
+        # (https://www.python-httpx.org/advanced/resource-limits).
+        control = httpx.AsyncClient(
+            base_url=server.base_url, limits=httpx.Limits(keepalive_expiry=1.0)
+        )
         app = (await control.get("/_emulator/app")).json()
         grant = await _refresh(server.base_url, app, app["refresh_token"])
         state = await State.open(str(tmp_path / f"s{len(rigs)}.sqlite3"))

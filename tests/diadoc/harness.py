@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import httpx
 from prometheus_client import CollectorRegistry
 
 from bridge.diadoc.auth import DiadocAuth
 from bridge.diadoc.client import DiadocClient
 from bridge.diadoc.metrics import diadoc_metrics
+from bridge.diadoc.ticks import timestamp
 from bridge.emulators.diadoc import DiadocEmulatorServer
 from bridge.state import State
+
+# One page of every box's feed, from the start of time.
+REQUEST: dict[str, Any] = {
+    "Filter": {"FromTimestamp": {"Ticks": 0}, "ToTimestamp": timestamp(4e9)},
+    "Limit": 100,
+}
 
 
 def emulated_client(

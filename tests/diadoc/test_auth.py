@@ -10,8 +10,6 @@ dead token.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
-from typing import Any
 
 import httpx
 import pytest
@@ -22,36 +20,15 @@ from bridge.core.errors import StateError
 from bridge.diadoc.auth import AUTH_SOURCE, BOOTSTRAP_KEY, REFRESH_KEY
 from bridge.diadoc.metrics import DiadocMetrics
 from bridge.diadoc.source import DocflowFeed, FeedOptions
-from bridge.diadoc.ticks import timestamp
 from bridge.diadoc.wiring import PolledDrainer
-from bridge.emulators.diadoc import DiadocEmulator, DiadocEmulatorServer
+from bridge.emulators.diadoc import DiadocEmulatorServer
 from bridge.metrics import Metrics
 from bridge.state import State
-from tests.diadoc.harness import emulated_client
+from tests.diadoc.harness import REQUEST, emulated_client
 from tests.harness import until
 from tests.plugins.broker import AmqpNamespace
 from tests.state_backends import Backend
 from tests.waiting import holds
-
-REQUEST: dict[str, Any] = {
-    "Filter": {"FromTimestamp": {"Ticks": 0}, "ToTimestamp": timestamp(4e9)},
-    "Limit": 100,
-}
-
-
-@pytest.fixture
-def diadoc() -> Iterator[DiadocEmulatorServer]:
-    with DiadocEmulatorServer(DiadocEmulator(("box-a",))) as server:
-        yield server
-
-
-@pytest.fixture
-async def state(state_backend: Backend) -> AsyncIterator[State]:
-    """The SQLite file and PostgreSQL in turn."""
-    state = await state_backend.open()
-    # PgState mirrors State method for method; the Diadoc classes name the SQLite one
-    yield state  # type: ignore[misc]
-    await state.close()
 
 
 async def fail_writes(backend: Backend, key: str | None = None) -> None:

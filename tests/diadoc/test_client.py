@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from collections.abc import AsyncIterator
 
 import httpx
 import pytest
@@ -13,31 +12,10 @@ from prometheus_client import CollectorRegistry
 
 from bridge.core.errors import PortalStopped, TokenError, TransientError
 from bridge.diadoc.auth import AUTH_SOURCE, REFRESH_KEY
-from bridge.diadoc.ticks import timestamp
-from bridge.emulators.diadoc import DiadocEmulator, DiadocEmulatorServer, FaultRule
+from bridge.emulators.diadoc import DiadocEmulatorServer, FaultRule
 from bridge.state import State
-from tests.diadoc.harness import emulated_client
+from tests.diadoc.harness import REQUEST, emulated_client
 from tests.state_backends import Backend
-
-REQUEST: dict[str, Any] = {
-    "Filter": {"FromTimestamp": {"Ticks": 0}, "ToTimestamp": timestamp(4e9)},
-    "Limit": 100,
-}
-
-
-@pytest.fixture
-def diadoc() -> Iterator[DiadocEmulatorServer]:
-    with DiadocEmulatorServer(DiadocEmulator(("box-a",))) as server:
-        yield server
-
-
-@pytest.fixture
-async def state(state_backend: Backend) -> AsyncIterator[State]:
-    """The SQLite file and PostgreSQL in turn: the client keeps its rotating token in either."""
-    state = await state_backend.open()
-    # PgState mirrors State method for method; the Diadoc classes name the SQLite one
-    yield state  # type: ignore[misc]
-    await state.close()
 
 
 @pytest.fixture
