@@ -1,4 +1,4 @@
-"""``python -m bench [--only NAME[,NAME]] [--quick] [--json PATH] [--logs DIR]``."""
+"""``python -m bench [--only NAME[,NAME]] [--quick] [--seed N] [--json PATH] [--logs DIR]``."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bench.broker import Broker
-from bench.context import Context
+from bench.context import DEFAULT_SEED, Context
 from bench.report import Result, document, table, write_json
 from bench.scenarios import SCENARIOS
 
@@ -31,6 +31,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     )
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     parser.add_argument(
+        "--seed",
+        type=int,
+        default=DEFAULT_SEED,
+        help=f"seed of every random draw (the kill moments); default {DEFAULT_SEED}",
+    )
+    parser.add_argument(
         "--json", type=Path, default=Path("bench-results.json"), help="where to write results"
     )
     parser.add_argument("--logs", type=Path, help="keep the processes' logs in this directory")
@@ -44,10 +50,16 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 async def run_all(
-    names: Sequence[str], *, quick: bool, workdir: Path, scale: float = 1.0
+    names: Sequence[str],
+    *,
+    quick: bool,
+    workdir: Path,
+    scale: float = 1.0,
+    seed: int = DEFAULT_SEED,
 ) -> list[Result]:
     broker = Broker().open()
-    ctx = Context(quick=quick, broker=broker, workdir=workdir, scale=scale)
+    ctx = Context(quick=quick, broker=broker, workdir=workdir, scale=scale, seed=seed)
+    print(f"== random seed {seed} (--seed)", file=sys.stderr, flush=True)
     results = []
     try:
         for name in names:
@@ -73,7 +85,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-") as scratch:
         workdir = args.logs or Path(scratch)
         workdir.mkdir(parents=True, exist_ok=True)
-        results = asyncio.run(run_all(args.names, quick=args.quick, workdir=workdir))
+        results = asyncio.run(
+            run_all(args.names, quick=args.quick, workdir=workdir, seed=args.seed)
+        )
     print(table(results))
     write_json(args.json, document(results, quick=args.quick, argv=sys.argv[1:]))
     print(f"\nresults written to {args.json}")

@@ -11,6 +11,8 @@ settings.register_profile("bridge", deadline=None)
 settings.load_profile("bridge")
 
 pytest_plugins = [
+    "pytester",  # tests/test_seeds.py runs a small suite of its own
+    "tests.seeds",
     "tests.plugins.broker",
     "tests.plugins.tcpproxy",
     "tests.plugins.emulator",

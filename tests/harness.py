@@ -13,7 +13,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import uvicorn
@@ -25,6 +25,9 @@ from bridge.server import Server
 from bridge.service import Service
 from bridge.settings import load_settings
 from bridge.state import Portal as PortalRecord
+
+if TYPE_CHECKING:  # the plugin is pytest's to import first (assertion rewriting)
+    from tests.plugins.broker import AmqpNamespace
 
 
 def free_port() -> int:
@@ -148,39 +151,39 @@ class Portal:
     async def close(self) -> None:
         await self.http.aclose()
 
-    async def _json(self, method: str, path: str, body: object | None = None) -> dict[str, object]:
+    async def _json(self, method: str, path: str, body: object | None = None) -> dict[str, Any]:
         response = await self.http.request(method, path, json=body)
         response.raise_for_status()
-        data: dict[str, object] = response.json()
+        data: dict[str, Any] = response.json()
         return data
 
     async def app(self) -> dict[str, str]:
-        return await self._json("GET", "/_emulator/app")  # type: ignore[return-value]
+        return await self._json("GET", "/_emulator/app")
 
-    async def generate(self, event: str, count: int, start_id: int = 1) -> dict[str, object]:
+    async def generate(self, event: str, count: int, start_id: int = 1) -> dict[str, Any]:
         body = {"generate": {"event": event, "count": count, "start_id": start_id}}
         return await self._json("POST", "/_emulator/events", body)
 
-    async def add(self, events: list[dict[str, object]]) -> dict[str, object]:
+    async def add(self, events: list[dict[str, object]]) -> dict[str, Any]:
         return await self._json("POST", "/_emulator/events", {"events": events})
 
-    async def queue(self) -> dict[str, object]:
+    async def queue(self) -> dict[str, Any]:
         return await self._json("GET", "/_emulator/queue")
 
     async def calls(self) -> dict[str, int]:
-        return await self._json("GET", "/_emulator/calls")  # type: ignore[return-value]
+        return await self._json("GET", "/_emulator/calls")
 
-    async def stats(self) -> dict[str, object]:
+    async def stats(self) -> dict[str, Any]:
         return await self._json("GET", "/_emulator/stats")
 
-    async def faults(self, **faults: object) -> dict[str, object]:
+    async def faults(self, **faults: object) -> dict[str, Any]:
         return await self._json("POST", "/_emulator/faults", faults)
 
-    async def notify(self) -> dict[str, object]:
+    async def notify(self) -> dict[str, Any]:
         return await self._json("POST", "/_emulator/notify", {})
 
     async def is_empty(self) -> bool:
-        queue = await self.queue()
+        queue: dict[str, object] = await self.queue()
         return queue["free"] == 0 and queue["reserved"] == {}
 
     async def wait_empty(self, timeout: float = 60) -> None:
@@ -193,14 +196,14 @@ class Portal:
 
 
 async def bridge_env(
-    portal: Portal, amqp: object, state_path: Path, **extra: str
+    portal: Portal, amqp: AmqpNamespace, state_path: Path, **extra: str
 ) -> dict[str, str]:
     """The environment of a bridge bootstrapped against an emulated portal."""
     app = await portal.app()
     env = {
-        "BRIDGE_AMQP_URL": amqp.url,  # type: ignore[attr-defined]
-        "BRIDGE_EXCHANGE_TEMPLATE": amqp.exchange_template,  # type: ignore[attr-defined]
-        "BRIDGE_UNROUTED_EXCHANGE": amqp.unrouted_exchange,  # type: ignore[attr-defined]
+        "BRIDGE_AMQP_URL": amqp.url,
+        "BRIDGE_EXCHANGE_TEMPLATE": amqp.exchange_template,
+        "BRIDGE_UNROUTED_EXCHANGE": amqp.unrouted_exchange,
         "BRIDGE_CLIENT_ID": app["client_id"],
         "BRIDGE_CLIENT_SECRET": app["client_secret"],
         "BRIDGE_OAUTH_URL": app["oauth_url"],

@@ -63,7 +63,7 @@ class PostgresBackend:
         async with await psycopg.AsyncConnection.connect(self.url, autocommit=True) as conn:
             rows: list[tuple[object, ...]] = []
             for statement in statements:
-                cur = await conn.execute(statement)  # type: ignore[call-overload]
+                cur = await conn.execute(statement)
                 if cur.description is not None:
                     rows.extend(await cur.fetchall())
             return rows

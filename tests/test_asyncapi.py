@@ -27,9 +27,10 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from bridge.asyncapi import build, load_diadoc_layout, render
 from bridge.core.errors import ConfigError
+from bridge.emulators.bitrix24 import EmulatorServer
 from bridge.emulators.diadoc import DiadocEmulator, DiadocEmulatorServer
 from bridge.settings import load_settings
-from tests.harness import bridge_env, bridge_in_process
+from tests.harness import Portal, bridge_env, bridge_in_process
 from tests.plugins.broker import AmqpNamespace
 
 PARSER = "@asyncapi/parser@3.6.6"
@@ -282,7 +283,7 @@ def check_against(document: dict[str, Any], message: AbstractIncomingMessage) ->
         for key, c in document["channels"].items()
         if key != "unrouted"
     }
-    channel_id = by_exchange[message.exchange]
+    channel_id: str = by_exchange[message.exchange]
     channel = document["channels"][channel_id]
     pattern = address_pattern(channel["address"], channel.get("parameters", {}))
     assert pattern.fullmatch(message.routing_key or ""), (channel["address"], message.routing_key)
@@ -297,7 +298,7 @@ def check_against(document: dict[str, Any], message: AbstractIncomingMessage) ->
 
 @pytest.mark.parametrize("connector", ["", "crm-sync"])
 async def test_published_messages_match_the_document(
-    emulated: Any,
+    emulated: tuple[EmulatorServer, Portal, int],
     amqp_ns: AmqpNamespace,
     diadoc: DiadocEmulatorServer,
     tmp_path: Path,

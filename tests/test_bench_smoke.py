@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 from bench.__main__ import parse_args, run_all
+from bench.broker import Broker
+from bench.context import DEFAULT_SEED, Context
 from bench.procs import metric_total
 from bench.profile import summarize
 from bench.report import Result, document, percentile, table, write_json
@@ -118,3 +120,23 @@ async def test_the_burst_scenario_runs_end_to_end(tmp_path: Path) -> None:
         "p99 response time",
         "drain passes started (most in a round)",
     }
+
+
+def test_the_seed_decides_every_draw_and_a_bad_one_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert parse_args([]).seed == DEFAULT_SEED
+    assert parse_args(["--seed", "5"]).seed == 5
+
+    def draws(seed: int, scenario: str = "kills") -> list[float]:
+        ctx = Context(quick=True, broker=Broker(), workdir=tmp_path, seed=seed)
+        rng = ctx.random(scenario)
+        return [rng.random() for _ in range(4)]
+
+    assert draws(5) == draws(5)
+    assert draws(5) != draws(6)
+    assert draws(5) != draws(5, "other")
+    with pytest.raises(SystemExit) as exited:
+        parse_args(["--seed", "five"])
+    assert exited.value.code == 2
+    assert "--seed: invalid int value: 'five'" in capsys.readouterr().err

@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import json
+import random
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.harness import bridge_env, bridge_in_process
+from bridge.emulators.bitrix24 import EmulatorServer
+from tests.harness import InProcessBridge, Portal, bridge_env, bridge_in_process, until
+from tests.plugins.broker import AmqpNamespace
+from tests.plugins.tcpproxy import TcpProxy
+from tests.waiting import holds
 
 EVENTS = ["ONCRMLEADADD", "ONCRMLEADUPDATE", "ONCRMDEALADD", "ONCRMDEALUPDATE", "ONCRMCONTACTADD"]
 
 
 async def test_5000_events_arrive_exactly_once_with_the_contracted_message(
-    emulated, amqp_ns, tmp_path: Path
+    emulated: tuple[EmulatorServer, Portal, int], amqp_ns: AmqpNamespace, tmp_path: Path
 ) -> None:
     server, portal, port = emulated
     collectors = {e: await amqp_ns.consume(amqp_ns.exchange(e.lower())) for e in EVENTS}
@@ -36,6 +43,7 @@ async def test_5000_events_arrive_exactly_once_with_the_contracted_message(
         await portal.wait_empty(timeout=30)
         for collector in collectors.values():
             await collector.settle(quiet=0.5)
+        assert bridge.service.state is not None
         journal = await bridge.service.state.journal_all()
 
     assert journal == []
@@ -85,9 +93,13 @@ async def _journal(state_path: Path) -> list[tuple[str, str, str]]:
         await state.close()
 
 
-async def test_sigkill_at_random_moments_loses_nothing(emulated, amqp_ns, tmp_path: Path) -> None:
+async def test_sigkill_at_random_moments_loses_nothing(
+    emulated: tuple[EmulatorServer, Portal, int],
+    amqp_ns: AmqpNamespace,
+    tmp_path: Path,
+    rng: random.Random,
+) -> None:
     import asyncio
-    import random
 
     from tests.harness import BridgeProcess
 
@@ -97,14 +109,14 @@ async def test_sigkill_at_random_moments_loses_nothing(emulated, amqp_ns, tmp_pa
     env = await bridge_env(portal, amqp_ns, state_path, BRIDGE_HTTP_PORT=str(port))
     bridge = BridgeProcess(env, tmp_path / "bridge.log")
     total = 10_000  # several seconds of drain, so each kill lands inside it
-    rng = random.Random()
     kills = 0
     try:
         await portal.generate("ONCRMLEADADD", total)
         for _ in range(4):
             bridge.start()
             await bridge.wait_live()
-            # Somewhere inside the drain: before, during or after a page.
+            # Somewhere inside the drain: before, during or after a page. The random moment
+            # is the test's subject, not a wait for something.
             await asyncio.sleep(rng.uniform(0.05, 1.5))
             bridge.kill()
             kills += 1
@@ -125,9 +137,11 @@ async def test_sigkill_at_random_moments_loses_nothing(emulated, amqp_ns, tmp_pa
 
 
 async def test_broker_connection_cut_mid_page_loses_nothing(
-    emulated, amqp_ns, amqp_proxy, tmp_path: Path
+    emulated: tuple[EmulatorServer, Portal, int],
+    amqp_ns: AmqpNamespace,
+    amqp_proxy: TcpProxy,
+    tmp_path: Path,
 ) -> None:
-    import asyncio
 
     _server, portal, port = emulated
     collector = await amqp_ns.consume(amqp_ns.exchange("oncrmleadadd"))
@@ -143,11 +157,17 @@ async def test_broker_connection_cut_mid_page_loses_nothing(
         session = next(iter(bridge.service.sessions.values()))
         await session.drainer.idle.wait()
         cleared_before_cut: list[int] = []
+
+        def more_links_than(links: int) -> Callable[[], Awaitable[bool]]:
+            return holds(lambda: amqp_proxy.accepted > links)
+
         for round_ in range(3):
             await portal.generate("ONCRMLEADADD", total // 4, start_id=round_ * 1000 + 1)
-            # Cut in the middle of a frame, a few pages into the drain.
+            # Cut in the middle of a frame, a few pages into the drain; then the publisher
+            # connects again.
+            links = amqp_proxy.accepted
             amqp_proxy.cut_after(20_000 + round_ * 7_000)
-            await asyncio.sleep(1.0)
+            await until(more_links_than(links), "a cut and a reconnect")
             cleared_before_cut.append(len(collector.message_ids))
         await portal.generate("ONCRMLEADADD", total // 4, start_id=5001)
         await portal.wait_empty(timeout=120)
@@ -161,9 +181,8 @@ async def test_broker_connection_cut_mid_page_loses_nothing(
 
 
 async def test_broker_nack_keeps_events_reserved_until_accepted(
-    emulated, amqp_ns, tmp_path: Path
+    emulated: tuple[EmulatorServer, Portal, int], amqp_ns: AmqpNamespace, tmp_path: Path
 ) -> None:
-    import asyncio
 
     _server, portal, port = emulated
     exchange = amqp_ns.exchange("oncrmleadadd")
@@ -177,18 +196,17 @@ async def test_broker_nack_keeps_events_reserved_until_accepted(
         tmp_path / "state.sqlite3",
         BRIDGE_HTTP_PORT=str(port),
         BRIDGE_POLL_INTERVAL="0.5",
-        BRIDGE_POISON_ATTEMPTS="1000",  # parking is tested in test_poison.py
+        BRIDGE_POISON_ATTEMPTS="1000",  # parking is tested in tests/bitrix24/test_poison*.py
     )
     async with bridge_in_process(env) as bridge:
         await portal.generate("ONCRMLEADADD", 120)
         registry = bridge.service.metrics.registry
-        for _ in range(100):
-            nacks = registry.get_sample_value(
-                "bitrix24_bridge_publish_failures_total", {"reason": "nack"}
-            )
-            if nacks and nacks >= 50:
-                break
-            await asyncio.sleep(0.1)
+
+        def nacks() -> float:
+            labels = {"reason": "nack"}
+            return registry.get_sample_value("bitrix24_bridge_publish_failures_total", labels) or 0
+
+        await until(holds(lambda: nacks() >= 50), "50 nacks", timeout=10)
         queue = await portal.queue()
         # Nothing was cleared: every event is still in the portal, reserved or free.
         assert queue["free"] + sum(queue["reserved"].values()) == 120
@@ -208,15 +226,21 @@ async def test_broker_nack_keeps_events_reserved_until_accepted(
     assert len(set(collector.message_ids)) == 120
 
 
-def _sample(bridge, name: str, labels: dict[str, str]) -> float:
+REFRESHES = "bitrix24_bridge_token_refreshes_total"
+EXTRA = 100  # events added with each injected fault
+
+
+def _sample(bridge: InProcessBridge, name: str, labels: dict[str, str]) -> float:
     value = bridge.service.metrics.registry.get_sample_value(name, labels)
     return value or 0.0
 
 
 async def test_upstream_faults_during_a_drain_lose_nothing(
-    emulated, amqp_ns, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    emulated: tuple[EmulatorServer, Portal, int],
+    amqp_ns: AmqpNamespace,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    import asyncio
     import logging
 
     caplog.set_level(logging.INFO, logger="bridge")
@@ -229,21 +253,32 @@ async def test_upstream_faults_during_a_drain_lose_nothing(
     await portal.generate("ONCRMLEADADD", 3000)
     async with bridge_in_process(env) as bridge:
         refreshes = {"outcome": "ok"}
-        for faults in (
+
+        async def struck() -> bool:
+            left = await portal.faults()  # no change: the faults still waiting to strike
+            return not left["fail_with"] and not left["drop_next_reservation"]
+
+        in_turn: list[dict[str, Any]] = [
             {"fail": {"event.offline.get": 2}},
             {"fail": {"event.offline.clear": 2}},
             {"fail_with": {"batch": {"error": "QUERY_LIMIT_EXCEEDED", "count": 3}}},
             {"drop_next_reservation": True},
-            {"expire_tokens": True},
-        ):
+        ]
+        for step, faults in enumerate(in_turn):
             await portal.faults(**faults)
-            await asyncio.sleep(0.4)
+            # Fresh events, so there is a reservation and a clear for the fault to strike.
+            await portal.generate("ONCRMLEADADD", EXTRA, start_id=20_000 + step * 1000)
+            await until(struck, f"{faults} to strike")
+        await portal.faults(expire_tokens=True)
+        refreshed = holds(lambda: _sample(bridge, REFRESHES, refreshes))
+        await until(refreshed, "a refresh of the expired token")
         await portal.wait_empty(timeout=120)
         await collector.settle(quiet=1.0)
         assert _sample(bridge, "bitrix24_bridge_token_refreshes_total", refreshes) == 1
+        assert bridge.service.state is not None
         journal = await bridge.service.state.journal_all()
     assert journal == []
-    assert len(set(collector.message_ids)) == 3000
+    assert len(set(collector.message_ids)) == 3000 + 4 * EXTRA
     stats = await portal.stats()
     for code in (
         "INTERNAL_SERVER_ERROR",
@@ -262,11 +297,11 @@ async def test_upstream_faults_during_a_drain_lose_nothing(
         await portal.wait_empty(timeout=60)
         await collector.settle(quiet=0.5)
         assert _sample(bridge, "bitrix24_bridge_token_refreshes_total", {"outcome": "ok"}) == 1
-    assert len(set(collector.message_ids)) == 3010
+    assert len(set(collector.message_ids)) == 3010 + 4 * EXTRA
 
 
 async def test_forged_and_malformed_notifications_cause_no_rest_call(
-    emulated, amqp_ns, tmp_path: Path
+    emulated: tuple[EmulatorServer, Portal, int], amqp_ns: AmqpNamespace, tmp_path: Path
 ) -> None:
     import httpx
 
@@ -316,6 +351,7 @@ async def test_forged_and_malformed_notifications_cause_no_rest_call(
         response = await client.post(bridge.events_url, content=forged, headers=form)
         assert response.status_code == 401
         assert list(bridge.service.sessions) == [member]
+        assert bridge.service.state is not None
         portals = await bridge.service.state.portals(include_inactive=True)
         assert [p.member_id for p in portals] == [member]
         after = await portal.calls()
@@ -323,7 +359,7 @@ async def test_forged_and_malformed_notifications_cause_no_rest_call(
 
 
 async def test_event_nobody_subscribed_to_lands_in_the_unrouted_queue(
-    emulated, amqp_ns, tmp_path: Path
+    emulated: tuple[EmulatorServer, Portal, int], amqp_ns: AmqpNamespace, tmp_path: Path
 ) -> None:
     _server, portal, port = emulated
     env = await bridge_env(portal, amqp_ns, tmp_path / "state.sqlite3", BRIDGE_HTTP_PORT=str(port))
@@ -337,7 +373,7 @@ async def test_event_nobody_subscribed_to_lands_in_the_unrouted_queue(
 
 
 async def test_sigterm_during_a_drain_exits_in_bound_and_restart_delivers_the_rest(
-    emulated, amqp_ns, tmp_path: Path
+    emulated: tuple[EmulatorServer, Portal, int], amqp_ns: AmqpNamespace, tmp_path: Path
 ) -> None:
     import asyncio
     import time
@@ -376,7 +412,7 @@ async def test_sigterm_during_a_drain_exits_in_bound_and_restart_delivers_the_re
 
 
 async def test_a_flood_of_notifications_costs_a_few_passes(
-    emulated, amqp_ns, tmp_path: Path
+    emulated: tuple[EmulatorServer, Portal, int], amqp_ns: AmqpNamespace, tmp_path: Path
 ) -> None:
     import time
 

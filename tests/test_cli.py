@@ -8,14 +8,16 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from bridge import cli
 from bridge.emulators.bitrix24 import EmulatorConfig, EmulatorServer
 from tests.harness import Portal, bridge_env
+from tests.plugins.broker import AmqpNamespace
 
 
 def run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -33,13 +35,16 @@ async def arun(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[s
     return await asyncio.to_thread(run, env, *args)
 
 
+PortalFactory = Callable[..., tuple[EmulatorServer, Portal]]
+
+
 @pytest.fixture
-async def portal_factory() -> AsyncIterator[object]:
+async def portal_factory() -> AsyncIterator[PortalFactory]:
     servers: list[EmulatorServer] = []
     portals: list[Portal] = []
 
-    def make(**config: object) -> tuple[EmulatorServer, Portal]:
-        server = EmulatorServer(EmulatorConfig(rate_limit=None, **config)).start()  # type: ignore[arg-type]
+    def make(**config: Any) -> tuple[EmulatorServer, Portal]:
+        server = EmulatorServer(EmulatorConfig(rate_limit=None, **config)).start()
         servers.append(server)
         portals.append(Portal(server.base_url))
         return server, portals[-1]
@@ -51,7 +56,9 @@ async def portal_factory() -> AsyncIterator[object]:
         server.stop()
 
 
-async def test_drain_empties_the_queue_and_exits_0(portal_factory, amqp_ns, tmp_path: Path) -> None:
+async def test_drain_empties_the_queue_and_exits_0(
+    portal_factory: PortalFactory, amqp_ns: AmqpNamespace, tmp_path: Path
+) -> None:
     _server, portal = portal_factory(auto_bind=True)
     collector = await amqp_ns.consume(amqp_ns.exchange("oncrmleadadd"))
     env = await bridge_env(portal, amqp_ns, tmp_path / "s.sqlite3")
@@ -63,7 +70,7 @@ async def test_drain_empties_the_queue_and_exits_0(portal_factory, amqp_ns, tmp_
 
 
 async def test_drain_exits_1_when_a_portal_is_refused(
-    portal_factory, amqp_ns, tmp_path: Path
+    portal_factory: PortalFactory, amqp_ns: AmqpNamespace, tmp_path: Path
 ) -> None:
     # A portal without rest_offline_extended refuses reservations with WRONG_LICENSE.
     _server, portal = portal_factory(auto_bind=True, offline_extended=False)
@@ -78,7 +85,7 @@ async def test_drain_exits_1_when_a_portal_is_refused(
 
 
 async def test_status_reports_portals_tokens_journal_and_depth(
-    portal_factory, amqp_ns, tmp_path: Path
+    portal_factory: PortalFactory, amqp_ns: AmqpNamespace, tmp_path: Path
 ) -> None:
     _server, portal = portal_factory(auto_bind=True)
     state = tmp_path / "s.sqlite3"
@@ -111,7 +118,7 @@ async def test_status_reports_portals_tokens_journal_and_depth(
 
 
 async def test_bind_creates_offline_bindings_and_the_handler(
-    portal_factory, amqp_ns, tmp_path: Path
+    portal_factory: PortalFactory, amqp_ns: AmqpNamespace, tmp_path: Path
 ) -> None:
     server, portal = portal_factory()
     env = await bridge_env(
@@ -130,6 +137,7 @@ async def test_bind_creates_offline_bindings_and_the_handler(
     assert "already present" in again.stdout
 
     emulated = server.portal
+    assert emulated is not None
     offline = server.run_in_loop(lambda: sorted(e for e, _c in emulated.offline))
     online = server.run_in_loop(lambda: [(b.handler, b.min_timeout) for b in emulated.online])
     assert offline == ["ONCRMDEALADD", "ONCRMLEADADD"]

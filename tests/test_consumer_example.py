@@ -14,11 +14,11 @@ import sys
 import time
 from pathlib import Path
 from types import ModuleType
-from typing import Any
 
 import pytest
 
-from tests.harness import BridgeProcess, bridge_env, until
+from bridge.emulators.bitrix24 import EmulatorServer
+from tests.harness import BridgeProcess, Portal, bridge_env, until
 from tests.plugins.broker import AmqpNamespace
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "consumer.py"
@@ -88,7 +88,7 @@ def processed(db: Path) -> list[tuple[str, str, str]]:
 
 
 async def test_each_event_is_processed_once_across_kills(
-    emulated: Any, amqp_ns: AmqpNamespace, tmp_path: Path
+    emulated: tuple[EmulatorServer, Portal, int], amqp_ns: AmqpNamespace, tmp_path: Path
 ) -> None:
     _, portal, port = emulated
     events = ("ONCRMLEADADD", "ONCRMDEALADD")
@@ -227,5 +227,9 @@ def test_the_window_it_documents_is_the_bridges() -> None:
     """The example promises a retry within a minute: the drain's back-off cap must keep it."""
     from bridge.core.drainer import Drainer
 
-    assert "back-off of at most a minute" in " ".join(load_example().__doc__.split())
-    assert Drainer.__init__.__kwdefaults__["backoff_cap"] <= 60
+    doc = load_example().__doc__
+    defaults = Drainer.__init__.__kwdefaults__
+    assert doc is not None
+    assert defaults is not None
+    assert "back-off of at most a minute" in " ".join(doc.split())
+    assert defaults["backoff_cap"] <= 60

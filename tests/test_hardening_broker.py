@@ -75,12 +75,12 @@ def _cleared(bridge: InProcessBridge) -> float:
 async def _held(portal: Portal, total: int) -> None:
     """Every event is still in the portal, free or reserved: nothing was cleared."""
     queue = await portal.queue()
-    reserved: dict[str, int] = queue["reserved"]  # type: ignore[assignment]
+    reserved: dict[str, int] = queue["reserved"]
     assert queue["free"] + sum(reserved.values()) == total, queue
 
 
 async def test_declare_false_with_exchanges_managed_elsewhere(
-    emulated, amqp_ns: AmqpNamespace, tmp_path: Path
+    emulated: tuple[EmulatorServer, Portal, int], amqp_ns: AmqpNamespace, tmp_path: Path
 ) -> None:
     _server, portal, _port = emulated
     exchange = amqp_ns.exchange(EVENT.lower())
@@ -98,7 +98,7 @@ async def test_declare_false_with_exchanges_managed_elsewhere(
 
 
 async def test_declare_false_with_a_missing_exchange_is_not_ready_and_clears_nothing(
-    emulated, amqp_ns: AmqpNamespace, tmp_path: Path
+    emulated: tuple[EmulatorServer, Portal, int], amqp_ns: AmqpNamespace, tmp_path: Path
 ) -> None:
     _server, portal, _port = emulated
     exchange = amqp_ns.exchange(EVENT.lower())
@@ -136,7 +136,7 @@ def _ctl(*args: str) -> None:
 
 
 async def test_user_without_configure_permission(
-    emulated, amqp_ns: AmqpNamespace, tmp_path: Path
+    emulated: tuple[EmulatorServer, Portal, int], amqp_ns: AmqpNamespace, tmp_path: Path
 ) -> None:
     _server, portal, _port = emulated
     url = URL(amqp_ns.url)
@@ -170,7 +170,7 @@ async def test_user_without_configure_permission(
 
 
 async def test_quorum_queues_receive_everything(
-    emulated, amqp_ns: AmqpNamespace, tmp_path: Path
+    emulated: tuple[EmulatorServer, Portal, int], amqp_ns: AmqpNamespace, tmp_path: Path
 ) -> None:
     _server, portal, _port = emulated
     exchanges = [amqp_ns.exchange(e.lower()) for e in (EVENT, "ONCRMDEALADD")]
@@ -207,7 +207,7 @@ def _eval(expression: str) -> str:
 
 
 async def test_memory_alarm_blocks_publishing_and_nothing_is_cleared_until_it_clears(
-    emulated, amqp_ns: AmqpNamespace, tmp_path: Path
+    emulated: tuple[EmulatorServer, Portal, int], amqp_ns: AmqpNamespace, tmp_path: Path
 ) -> None:
     _server, portal, _port = emulated
     collector = await amqp_ns.consume(amqp_ns.exchange(EVENT.lower()))

@@ -23,7 +23,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.harness import bridge_env, bridge_in_process, until
+from bridge.emulators.bitrix24 import EmulatorServer
+from tests.harness import Portal, bridge_env, bridge_in_process, until
+from tests.plugins.broker import AmqpNamespace
 
 EVENT = "ONCRMLEADADD"
 
@@ -62,7 +64,7 @@ def _fill(volume: Path) -> Path:
 
 
 async def test_full_disk_stops_the_drain_before_publishing_and_recovers(
-    emulated, amqp_ns, small_volume: Path
+    emulated: tuple[EmulatorServer, Portal, int], amqp_ns: AmqpNamespace, small_volume: Path
 ) -> None:
     _server, portal, port = emulated
     collector = await amqp_ns.consume(amqp_ns.exchange(EVENT.lower()))
@@ -90,7 +92,7 @@ async def test_full_disk_stops_the_drain_before_publishing_and_recovers(
             assert "state file write failed" in reason, reason
             assert "full" in reason, reason
             queue = await portal.queue()
-            reserved: dict[str, int] = queue["reserved"]  # type: ignore[assignment]
+            reserved: dict[str, int] = queue["reserved"]
             # The page was reserved but its process_id could not be journaled: not published.
             assert sum(reserved.values()) > 0, queue
             assert queue["free"] + sum(reserved.values()) == total

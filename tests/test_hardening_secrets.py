@@ -1,6 +1,6 @@
 """Secrets at rest, end to end: ``serve`` with a wrong key is one clear line, and loses nothing.
 
-``tests/test_state.py`` proves encryption, rotation, the wrong-key error and 0600 on the State
+``tests/state/test_state.py`` proves encryption, rotation, the wrong-key error and 0600 on the State
 class; this proves the operator's view: the real command, its exit code, its single line on
 stderr (no traceback, no token), and the state file byte for byte as it was.
 

@@ -35,9 +35,10 @@ import pytest
 from aio_pika.abc import AbstractIncomingMessage
 
 from bridge.emulators.bitrix24 import EmulatorServer
-from tests.harness import BridgeProcess, Portal, bridge_env, emulated_portal
+from tests.harness import BridgeProcess, Portal, bridge_env, emulated_portal, until
 from tests.plugins.broker import AmqpNamespace
 from tests.plugins.tcpproxy import TcpProxy
+from tests.waiting import holds
 
 SOAK_SECONDS = float(os.environ.get("BRIDGE_SOAK_SECONDS", "40"))
 EVENT = "ONCRMLEADADD"
@@ -64,14 +65,15 @@ async def _restart_broker_app(outage: float) -> float:
     try:
         done = await asyncio.to_thread(_ctl, "stop_app")
         assert done.returncode == 0, done.stderr
-        await asyncio.sleep(outage)
+        await asyncio.sleep(outage)  # the outage is the subject
     finally:
         await asyncio.to_thread(_ctl, "start_app")
         await asyncio.to_thread(_ctl, "await_startup")
-        deadline = time.monotonic() + 60
-        while not await asyncio.to_thread(_broker_answers):
-            assert time.monotonic() < deadline, "RabbitMQ did not come back"
-            await asyncio.sleep(0.2)
+
+        async def answers() -> bool:
+            return await asyncio.to_thread(_broker_answers)
+
+        await until(answers, "RabbitMQ to come back", timeout=60)
     return time.monotonic() - started
 
 
@@ -130,9 +132,13 @@ def _journal_size(path: Path) -> int:
 
 
 @pytest.mark.slow
-async def test_soak(emulated, amqp_url: str, tmp_path: Path) -> None:
+async def test_soak(
+    emulated: tuple[EmulatorServer, Portal, int],
+    amqp_url: str,
+    tmp_path: Path,
+    rng: random.Random,
+) -> None:
     _server, portal, port = emulated
-    rng = random.Random()
     ns = AmqpNamespace(amqp_url, "soak" + os.urandom(4).hex())
     exchange = ns.exchange(EVENT.lower())
     # Declared (durable, exactly as the bridge declares) and bound before the first event.
@@ -174,7 +180,7 @@ async def test_soak(emulated, amqp_url: str, tmp_path: Path) -> None:
             await portal.generate(EVENT, BATCH, start_id=next_id)
             created.extend(str(i) for i in range(next_id, next_id + BATCH))
             next_id += BATCH
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.1)  # events keep arriving: the pace is the subject
 
     stop = asyncio.Event()
     generator: asyncio.Task[None] | None = None
@@ -211,7 +217,7 @@ async def test_soak(emulated, amqp_url: str, tmp_path: Path) -> None:
                 await portal.faults(**rng.choice(FAULTS))
                 counts["faults"] += 1
                 next_fault = now + rng.uniform(0.5, 1.5)
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)  # the schedule's tick: the night goes on
 
         # Calm: no new events, faults off, one restart that also resets the drain back-off.
         stop.set()
@@ -229,14 +235,16 @@ async def test_soak(emulated, amqp_url: str, tmp_path: Path) -> None:
         bridge.start()
         await bridge.wait_live()
         await portal.wait_empty(timeout=90)
-        deadline = time.monotonic() + 60
         wanted = set(created)
-        while not wanted <= set(consumer.ids) or _journal_size(state_path):
-            assert time.monotonic() < deadline, (
-                f"missing {len(wanted - set(consumer.ids))} events, "
-                f"journal {_journal_size(state_path)}: {bridge.tail()}"
-            )
-            await asyncio.sleep(0.1)
+        settled = holds(lambda: wanted <= set(consumer.ids) and not _journal_size(state_path))
+        try:
+            await until(settled, "every event consumed and the journal empty", timeout=60)
+        except AssertionError:
+            missing = len(wanted - set(consumer.ids))
+            journal = _journal_size(state_path)
+            raise AssertionError(
+                f"missing {missing} events, journal {journal}: {bridge.tail()}"
+            ) from None
         assert bridge.terminate() == 0, bridge.tail()
     finally:
         stop.set()

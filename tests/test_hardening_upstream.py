@@ -7,7 +7,7 @@ each answer that carries ``event.offline.get`` results. While it does, no damage
 published, a damaged answer clears nothing, and every reserved event stays journaled; the
 undamaged events of a page may go through (one bad row must not hold a portal). Once it stops,
 every event arrives and the portal queue and journal end empty. (Parking after repeated
-failures is tested in ``test_poison.py``; here the attempts are unlimited.)
+failures is tested in ``tests/bitrix24/test_poison*.py``; here the attempts are unlimited.)
 
 Checked by breaking the code on purpose (then restored): with ``messages.to_message`` accepting
 any ``MESSAGE_ID`` the ``short_message_id`` case publishes during corruption and fails.
@@ -23,7 +23,9 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.harness import bridge_env, bridge_in_process, until
+from bridge.emulators.bitrix24 import EmulatorServer
+from tests.harness import Portal, bridge_env, bridge_in_process, until
+from tests.plugins.broker import AmqpNamespace
 
 GET = "event.offline.get"
 CLEAR = "event.offline.clear"
@@ -104,8 +106,9 @@ class CorruptingTransport(httpx.AsyncBaseTransport):
         assert corrupt is not None
         body = json.loads(raw)
         if method == "batch":
+            assert isinstance(commands, dict)
             results = body["result"]["result"]
-            for key in [k for k in results if str(commands[k]).startswith(GET)]:  # type: ignore[index]
+            for key in [k for k in results if str(commands[k]).startswith(GET)]:
                 results[key] = corrupt(results[key])
         elif "result" in body:
             body["result"] = corrupt(body["result"])
@@ -114,7 +117,7 @@ class CorruptingTransport(httpx.AsyncBaseTransport):
 
 @pytest.mark.parametrize("mode", sorted(RESULT_CORRUPTIONS))
 async def test_corrupted_reservation_answer_stops_the_page_and_recovers(
-    emulated, amqp_ns, tmp_path: Path, mode: str
+    emulated: tuple[EmulatorServer, Portal, int], amqp_ns: AmqpNamespace, tmp_path: Path, mode: str
 ) -> None:
     _server, portal, port = emulated
     total = 120  # three pages of 50
@@ -139,7 +142,7 @@ async def test_corrupted_reservation_answer_stops_the_page_and_recovers(
 
         async def held_safely() -> bool:
             queue = await portal.queue()
-            reserved: dict[str, int] = queue["reserved"]  # type: ignore[assignment]
+            reserved: dict[str, int] = queue["reserved"]
             journal = {p for _m, _c, p in await state.journal_all()}
             # Corrupted at least twice (the reservation, then its recovery), and every
             # reservation the portal holds is in the journal.

@@ -4,8 +4,8 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, Literal
 
 import helm_python as helm
 import kubernetes_validate
@@ -47,10 +47,12 @@ def pod_env(objects: Manifests) -> dict[str, str]:
     return {**env_config(objects), **stand_ins}
 
 
-def document_for(chart: helm.Chart, values: dict[str, Any], fmt: str = "yaml") -> str:
+def document_for(
+    chart: helm.Chart, values: dict[str, Any], fmt: Literal["yaml", "json"] = "yaml"
+) -> str:
     """What `bitrix24-bridge asyncapi` prints in the pod this release runs."""
     env = pod_env(render_chart(chart, values))
-    return render(build(load_settings(env), load_diadoc_layout(env)), fmt)  # type: ignore[arg-type]
+    return render(build(load_settings(env), load_diadoc_layout(env)), fmt)
 
 
 def with_document(values: dict[str, Any], document: str) -> dict[str, Any]:
@@ -65,7 +67,7 @@ def test_off_by_default(chart: helm.Chart, full_values: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize("fmt", ["yaml", "json"])
 def test_publishes_the_document_the_bridge_prints(
-    chart: helm.Chart, full_values: dict[str, Any], fmt: str
+    chart: helm.Chart, full_values: dict[str, Any], fmt: Literal["yaml", "json"]
 ) -> None:
     document = document_for(chart, full_values, fmt)
     values = with_document(full_values, document)
@@ -101,7 +103,10 @@ def _changes() -> list[tuple[str, Any]]:
 
 @pytest.mark.parametrize(("what", "change"), _changes(), ids=[w for w, _ in _changes()])
 def test_a_stale_document_fails_the_render(
-    chart: helm.Chart, full_values: dict[str, Any], what: str, change: Any
+    chart: helm.Chart,
+    full_values: dict[str, Any],
+    what: str,
+    change: Callable[[dict[str, Any]], object],
 ) -> None:
     document = document_for(chart, full_values)
     changed = copy.deepcopy(full_values)

@@ -15,6 +15,7 @@ from bridge import logs
 from bridge.bitrix24 import phpquery
 from bridge.emulators.bitrix24 import EmulatorConfig, EmulatorServer
 from tests.harness import Portal, bridge_env, bridge_in_process, free_port
+from tests.plugins.broker import AmqpNamespace
 
 
 @pytest.fixture
@@ -49,7 +50,7 @@ def test_text_format_is_one_line(captured: io.StringIO) -> None:
 
 
 async def test_no_secret_reaches_the_logs_or_an_error_body(
-    captured: io.StringIO, amqp_ns, tmp_path: Path
+    captured: io.StringIO, amqp_ns: AmqpNamespace, tmp_path: Path
 ) -> None:
     port = free_port()
     server = EmulatorServer(
@@ -119,6 +120,7 @@ async def test_no_secret_reaches_the_logs_or_an_error_body(
             bodies.append(response.text)
             for path in ("/readyz", "/livez", "/metrics"):
                 bodies.append((await client.get(bridge.url + path)).text)
+            assert bridge.service.state is not None
             (stored,) = await bridge.service.state.portals()
             secrets |= {stored.access_token, stored.refresh_token}
     finally:
@@ -155,7 +157,8 @@ def test_json_line_keeps_the_stack_trace(captured: io.StringIO) -> None:
 def test_text_format_keeps_the_stack_trace_too(captured: io.StringIO) -> None:
     logs.configure("INFO", "text", captured)
     try:
-        {}["missing"]
+        empty: dict[str, int] = {}
+        empty["missing"]
     except KeyError:
         logging.getLogger("bridge.test").exception("lookup failed")
     text = captured.getvalue()

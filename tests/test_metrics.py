@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from pathlib import Path
 
@@ -12,8 +11,10 @@ from prometheus_client import generate_latest
 from bridge.emulators.bitrix24 import EmulatorConfig, EmulatorServer
 from bridge.metrics import Metrics
 from tests.harness import Portal, bridge_env, bridge_in_process, until
+from tests.plugins.broker import AmqpNamespace
 
 OLDEST = "bitrix24_bridge_oldest_pending_event_timestamp_seconds"
+DEPTH = "bitrix24_bridge_upstream_queue_depth"
 
 
 def _value(text: str, name: str) -> float | None:
@@ -23,7 +24,9 @@ def _value(text: str, name: str) -> float | None:
     return None
 
 
-async def test_queue_depth_and_oldest_event_come_from_the_portal(amqp_ns, tmp_path: Path) -> None:
+async def test_queue_depth_and_oldest_event_come_from_the_portal(
+    amqp_ns: AmqpNamespace, tmp_path: Path
+) -> None:
     server = EmulatorServer(EmulatorConfig(rate_limit=None, auto_bind=True)).start()
     portal = Portal(server.base_url)
     try:
@@ -36,15 +39,15 @@ async def test_queue_depth_and_oldest_event_come_from_the_portal(amqp_ns, tmp_pa
         await portal.http.post("/_emulator/clock", json={"advance": 120})
         env = await bridge_env(portal, amqp_ns, tmp_path / "s.sqlite3", BRIDGE_POLL_INTERVAL="0.3")
         async with bridge_in_process(env) as bridge, httpx.AsyncClient() as client:
-            depth = oldest = None
-            for _ in range(100):
+
+            async def observed() -> bool:
                 text = (await client.get(bridge.url + "/metrics")).text
-                depth = _value(text, "bitrix24_bridge_upstream_queue_depth")
-                oldest = _value(text, OLDEST)
                 nacks = _value(text, 'bitrix24_bridge_publish_failures_total{reason="nack"}')
-                if depth is not None and oldest is not None and nacks:
-                    break
-                await asyncio.sleep(0.1)
+                return None not in (_value(text, DEPTH), _value(text, OLDEST)) and bool(nacks)
+
+            await until(observed, "depth, oldest event and a nack in /metrics", timeout=10)
+            text = (await client.get(bridge.url + "/metrics")).text
+            depth, oldest = _value(text, DEPTH), _value(text, OLDEST)
             observed_at = time.time()
             broker = _value(text, "bitrix24_bridge_broker_connected")
             inflight = _value(text, "bitrix24_bridge_inflight_reservations")

@@ -231,7 +231,7 @@ def test_kubectl_commands_name_the_release_the_helm_command_installs() -> None:
 
 
 async def test_the_backup_command_runs_as_written(tmp_path: Path) -> None:
-    from tests.test_backup import make_state
+    from tests.state.test_backup import make_state
 
     (backup,) = [a[a.index("--") + 1 :] for a in kubectl_commands() if "backup" in a]
     live = tmp_path / "state.sqlite3"

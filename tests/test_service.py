@@ -11,10 +11,13 @@ import httpx
 
 from bridge.core.drainer import Drainer
 from bridge.core.source import PassReport
+from bridge.emulators.bitrix24 import EmulatorServer
 from bridge.metrics import Metrics
 from bridge.service import STUCK_AFTER, Service
 from bridge.settings import load_settings
-from tests.harness import bridge_env
+from tests.harness import Portal, bridge_env, until
+from tests.plugins.broker import AmqpNamespace
+from tests.waiting import holds
 
 
 def _drain_tasks() -> list[asyncio.Task[Any]]:
@@ -22,7 +25,7 @@ def _drain_tasks() -> list[asyncio.Task[Any]]:
 
 
 async def test_concurrent_installs_leave_one_drainer_and_close_stops_it(
-    emulated, amqp_ns, tmp_path: Path
+    emulated: tuple[EmulatorServer, Portal, int], amqp_ns: AmqpNamespace, tmp_path: Path
 ) -> None:
     _server, portal, port = emulated
     env = await bridge_env(portal, amqp_ns, tmp_path / "state.sqlite3", BRIDGE_HTTP_PORT=str(port))
@@ -108,8 +111,7 @@ async def test_a_long_pass_that_keeps_moving_is_alive_one_that_stalls_is_not(
     service.groups = [OneDrainer(drainer)]
     drainer.start()
     try:
-        await asyncio.sleep(0.05)
-        assert drainer.in_pass
+        await until(holds(lambda: drainer.in_pass), "the pass to start")
         now = time.monotonic()
         drainer.beat = now - 2 * STUCK_AFTER  # the pass started long ago...
         source.progress_at = now  # ...and pages still flow
@@ -124,7 +126,7 @@ async def test_a_long_pass_that_keeps_moving_is_alive_one_that_stalls_is_not(
 
 
 async def test_readyz_reports_a_failed_binding_and_status_shows_it(
-    emulated, amqp_ns, tmp_path: Path
+    emulated: tuple[EmulatorServer, Portal, int], amqp_ns: AmqpNamespace, tmp_path: Path
 ) -> None:
     from tests.harness import bridge_in_process
 
@@ -142,11 +144,13 @@ async def test_readyz_reports_a_failed_binding_and_status_shows_it(
             app["member_id"], app["refresh_token"], app["application_token"]
         )
         async with httpx.AsyncClient() as http:
-            for _ in range(100):
-                ready = (await http.get(f"{bridge.url}/readyz")).json()
-                if ready["portals"] and "binding_error" in ready["portals"][0]:
-                    break
-                await asyncio.sleep(0.05)
+
+            async def binding_failed() -> bool:
+                portals = (await http.get(f"{bridge.url}/readyz")).json()["portals"]
+                return bool(portals) and "binding_error" in portals[0]
+
+            await until(binding_failed, "/readyz to report the failed binding")
+            ready = (await http.get(f"{bridge.url}/readyz")).json()
             metrics = (await http.get(f"{bridge.url}/metrics")).text
         (detail,) = ready["portals"]
         assert "ERROR_WRONG_HANDLER_URL" in detail["binding_error"]
@@ -157,9 +161,10 @@ async def test_readyz_reports_a_failed_binding_and_status_shows_it(
         assert line.endswith(" 1.0")
         from bridge.bitrix24.tools import portal_status
 
-        for _ in range(100):
+        async def reported() -> bool:
             report = await portal_status(load_settings(env), ask_upstream=False)
-            if report["portals"][0]["binding_error"]:
-                break
-            await asyncio.sleep(0.05)
+            return bool(report["portals"][0]["binding_error"])
+
+        await until(reported, "status to show the failed binding")
+        report = await portal_status(load_settings(env), ask_upstream=False)
         assert "ERROR_WRONG_HANDLER_URL" in report["portals"][0]["binding_error"]

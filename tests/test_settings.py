@@ -1,5 +1,6 @@
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from cryptography.fernet import Fernet
@@ -78,7 +79,7 @@ def test_credentials_required_for_serving() -> None:
 
 
 @pytest.mark.parametrize("command", ["serve", "drain"])
-def test_commands_fail_with_one_line_not_a_traceback(command: str, tmp_path: object) -> None:
+def test_commands_fail_with_one_line_not_a_traceback(command: str, tmp_path: Path) -> None:
     env = {"PATH": "/usr/bin:/bin", "BRIDGE_HTTP_PORT": "not-a-port"}
     proc = subprocess.run(
         [sys.executable, "-m", "bridge", command],
@@ -95,7 +96,7 @@ def test_commands_fail_with_one_line_not_a_traceback(command: str, tmp_path: obj
     assert "BRIDGE_HTTP_PORT" in lines[0]
 
 
-def test_missing_credentials_fail_with_one_line(tmp_path: object) -> None:
+def test_missing_credentials_fail_with_one_line(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "bridge", "serve"],
         env={"PATH": "/usr/bin:/bin"},

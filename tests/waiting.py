@@ -1,18 +1,19 @@
-"""Waiting on a condition, never on the clock alone."""
+"""Waiting on a condition, never on the clock alone.
+
+One polling loop serves every test: :func:`tests.harness.until`, which awaits its predicate.
+:func:`holds` adapts a plain check (an attribute, a counter) to it, so a test never needs a
+loop or a fixed sleep of its own.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import time
-from collections.abc import Callable
-
-import pytest
+from collections.abc import Awaitable, Callable
 
 
-async def eventually(check: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    """Poll ``check`` until it holds; fail the test naming ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"not within {timeout:g} s: {what}")
-        await asyncio.sleep(0.02)
+def holds(check: Callable[[], object]) -> Callable[[], Awaitable[bool]]:
+    """``check`` as a predicate for ``until``: ``await until(holds(lambda: x == 1), "x is 1")``."""
+
+    async def predicate() -> bool:
+        return bool(check())
+
+    return predicate

@@ -93,7 +93,8 @@ async def run(ctx: Context, result: Result) -> None:
     emulator = Emulator(ctx.path("burst-emulator.log"), auto_bind=True)
     await emulator.start()
     ns = ctx.broker.namespace("burst")
-    bridge = bare = None
+    bridge: Served | None = None
+    bare: Served | None = None
     loads: dict[str, list[Load]] = {"bridge": [], "bare": []}
     passes: list[float] = []
     cpu: dict[str, list[float]] = {"bridge": [], "bare": []}
@@ -128,9 +129,9 @@ async def run(ctx: Context, result: Result) -> None:
             passes.append(await settle_metric(bridge, PASSES, quiet=2.0) - before)
     finally:
         os.sched_setaffinity(0, _ALL_CPUS)
-        for server in (bridge, bare):
-            if server is not None:
-                await server.stop()
+        for started in (bridge, bare):
+            if started is not None:
+                await started.stop()
         await emulator.stop()
         await ns.delete()
 

@@ -6,7 +6,8 @@ Every event must arrive (checked by its ``ID``); what arrives more than once is 
 kills. The drain records what the broker confirmed in the journal right after each pipelined
 publish run, so a kill re-publishes at most the events of the run in flight: the bound is
 ``(LOOKAHEAD + 1) x MAX_RESERVATIONS x BRIDGE_PAGE_SIZE`` events per kill (3,750 with the
-defaults), whatever the size of the backlog. The random moments are seeded: runs compare.
+defaults), whatever the size of the backlog. The random moments are seeded (``--seed``): runs
+compare.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import random
 import signal
 from collections import Counter
 
@@ -27,13 +27,13 @@ from bridge.bitrix24.offline_queue import LOOKAHEAD, MAX_RESERVATIONS
 TITLE = "duplicates per SIGKILL (unthrottled drain)"
 PAGE = 50
 BOUND = (LOOKAHEAD + 1) * MAX_RESERVATIONS * PAGE
-SEED = 20261202
 
 
 async def run(ctx: Context, result: Result) -> None:
     count = ctx.size(50_000, 10_000)
     kills = ctx.size(5, 3)
-    rng = random.Random(SEED)
+    rng = ctx.random("kills")
+    result.metrics["seed"] = ctx.seed
     port = free_port()
     emulator = Emulator(
         ctx.path("kills-emulator.log"),
