@@ -27,6 +27,7 @@ from bridge.metrics import Metrics
 
 CHART_DIR = Path(__file__).resolve().parent.parent / "helm"
 FULL_VALUES = CHART_DIR / "ci" / "full-values.yaml"
+SCALED_VALUES = CHART_DIR / "ci" / "scaled-values.yaml"
 RELEASE = "rel"
 NAMESPACE = "bridge"
 FULLNAME = "rel-bitrix24-bridge"
@@ -166,10 +167,18 @@ def secret_refs(objects: Manifests) -> dict[str, dict[str, Any]]:
     }
 
 
-@pytest.fixture(params=["default", "full"])
-def values(request: pytest.FixtureRequest, full_values: dict[str, Any]) -> dict[str, Any] | None:
-    """The chart's defaults, then ci/full-values.yaml."""
-    return None if request.param == "default" else full_values
+@pytest.fixture(scope="module")
+def scaled_values() -> dict[str, Any]:
+    values: dict[str, Any] = yaml.safe_load(SCALED_VALUES.read_text())
+    return values
+
+
+@pytest.fixture(params=["default", "full", "scaled"])
+def values(
+    request: pytest.FixtureRequest, full_values: dict[str, Any], scaled_values: dict[str, Any]
+) -> dict[str, Any] | None:
+    """The chart's defaults, then ci/full-values.yaml, then ci/scaled-values.yaml."""
+    return {"default": None, "full": full_values, "scaled": scaled_values}[request.param]
 
 
 # --- lint and schema validation -------------------------------------------------------------
@@ -255,6 +264,12 @@ def test_full_values_render_every_object(chart: helm.Chart, full_values: dict[st
         {"diadoc": {"unknown": 1}},
         {"secrets": {"diadocClientSecret": 42}},
         {"config": {"extraEnv": {"BRIDGE_DIADOC_CLIENT_SECRET": "leaked"}}},
+        {"config": {"extraEnv": {"BRIDGE_STATE_URL": "postgresql://u:leaked@pg/db"}}},
+        {"config": {"shards": 0}},
+        {"config": {"leaseTtl": 0}},
+        {"stateUrlSecret": {"name": "pg-app", "key": ""}},
+        # No autoscaler: a HorizontalPodAutoscaler would need the same state-URL rule.
+        {"autoscaling": {"enabled": True}},
     ],
     ids=lambda bad: json.dumps(bad, sort_keys=True),
 )
@@ -870,6 +885,8 @@ def test_ingress_hosts_as_names_or_host_objects(chart: helm.Chart) -> None:
         "bridge_application_token",
         "bridge_diadoc_client_secret",
         "Bridge_Diadoc_Refresh_Token",
+        "bridge_state_url",
+        "Bridge_State_Url",
     ],
 )
 def test_extra_env_refuses_secret_names_in_any_case(chart: helm.Chart, name: str) -> None:
@@ -914,3 +931,282 @@ def test_security_contexts_can_be_switched_off(chart: helm.Chart) -> None:
     only_pod_off = render(chart, {"podSecurityContext": {"enabled": False}})
     deployment_is_valid(only_pod_off)
     assert container(only_pod_off)["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+# --- scaled mode (several replicas on PostgreSQL) --------------------------------------------
+
+STATE_URL = "postgresql://bridge:pg-pa55@pg-rw.db:5432/bridge"
+SCALED: dict[str, Any] = {"replicaCount": 3, "secrets": {**SECRETS, "stateUrl": STATE_URL}}
+# Where the state URL may come from, and the secretKeyRef each gives BRIDGE_STATE_URL.
+STATE_URL_SOURCES: dict[str, tuple[dict[str, Any], dict[str, str]]] = {
+    "chart-secret": (
+        {"secrets": {**SECRETS, "stateUrl": STATE_URL}},
+        {"name": FULLNAME, "key": "BRIDGE_STATE_URL"},
+    ),
+    "existing-secret": (
+        {"existingSecret": "creds", "existingSecretKeys": {"stateUrl": "pg-url"}},
+        {"name": "creds", "key": "pg-url"},
+    ),
+    "own-secret": (
+        {"secrets": SECRETS, "stateUrlSecret": {"name": "pg-app"}},
+        {"name": "pg-app", "key": "uri"},
+    ),
+}
+
+
+def pod_spec(objects: Manifests) -> dict[str, Any]:
+    spec: dict[str, Any] = one(objects, "Deployment")["spec"]["template"]["spec"]
+    return spec
+
+
+def env_entries(objects: Manifests) -> dict[str, dict[str, Any]]:
+    return {env["name"]: env for env in container(objects).get("env", [])}
+
+
+def test_default_is_one_replica_on_a_claim_and_no_scaled_mode_setting(chart: helm.Chart) -> None:
+    objects = render(chart, {"secrets": SECRETS})
+    deployment = one(objects, "Deployment")
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    assert one(objects, "PersistentVolumeClaim")
+    spec = pod_spec(objects)
+    assert spec["terminationGracePeriodSeconds"] == 30
+    assert "affinity" not in spec
+    config = env_config(objects)
+    assert "BRIDGE_STATE_PATH" in config
+    assert not {"BRIDGE_SHARDS", "BRIDGE_LEASE_TTL", "BRIDGE_LEASE_RENEW"} & set(config)
+    assert not {"BRIDGE_STATE_URL", "BRIDGE_REPLICA_ID"} & set(env_entries(objects))
+    pdb = one(objects, "PodDisruptionBudget")["spec"]
+    assert pdb["maxUnavailable"] == 1
+    assert "unhealthyPodEvictionPolicy" not in pdb
+    assert "Scaled mode" not in notes(chart, {"secrets": SECRETS})
+
+
+@pytest.mark.parametrize("replicas", [3, "3"])
+def test_several_replicas_without_a_state_url_are_refused(
+    chart: helm.Chart, replicas: int | str
+) -> None:
+    values: dict[str, Any] = {"replicaCount": replicas}
+    if isinstance(replicas, str):
+        # As `--set replicaCount=3` gives it: Helm types the number.
+        values = helm.parse_set_string("replicaCount=3")
+    with pytest.raises(helm.HelmValuesError) as refused:
+        render_raw(chart, {**values, "secrets": SECRETS})
+    message = str(refused.value)
+    # The message names the limit and where the state URL would go.
+    assert "at '/replicaCount': maximum: got 3, want 1" in message
+    assert "at '/secrets/stateUrl'" in message
+    # With an existing Secret, the key to name there.
+    with pytest.raises(helm.HelmValuesError) as refused:
+        render_raw(chart, {**values, "existingSecret": "creds"})
+    assert "at '/replicaCount': maximum: got 3, want 1" in str(refused.value)
+    assert "at '/existingSecretKeys/stateUrl'" in str(refused.value)
+    # secrets.* is ignored beside existingSecret, so a state URL there does not count.
+    with pytest.raises(helm.HelmValuesError, match="replicaCount"):
+        render_raw(chart, {**values, "existingSecret": "creds", "secrets": {"stateUrl": STATE_URL}})
+
+
+@pytest.mark.parametrize("source", STATE_URL_SOURCES)
+def test_scaled_mode_rolls_pods_without_a_state_volume(chart: helm.Chart, source: str) -> None:
+    given, _ = STATE_URL_SOURCES[source]
+    objects = render(chart, {**given, "replicaCount": 3})
+    deployment_is_valid(objects)
+    deployment = one(objects, "Deployment")
+    assert deployment["spec"]["replicas"] == 3
+    assert deployment["spec"]["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1},
+    }
+    assert not [kind for kind, _ in objects if kind == "PersistentVolumeClaim"]
+    spec = pod_spec(objects)
+    # Only the writable /tmp of the read-only root filesystem; no volume for the state.
+    assert [v["name"] for v in spec["volumes"]] == ["tmp"]
+    assert "emptyDir" in spec["volumes"][0]
+    assert container(objects)["volumeMounts"] == [{"name": "tmp", "mountPath": "/tmp"}]
+    assert container(objects)["securityContext"]["readOnlyRootFilesystem"] is True
+    # No state file: without its URL a pod cannot fall back to a file of its own.
+    assert "BRIDGE_STATE_PATH" not in env_config(objects)
+
+
+@pytest.mark.parametrize("source", STATE_URL_SOURCES)
+def test_scaled_mode_takes_the_state_url_from_a_secret(chart: helm.Chart, source: str) -> None:
+    given, ref = STATE_URL_SOURCES[source]
+    objects = render(chart, {**given, "replicaCount": 3})
+    env = env_entries(objects)
+    # Required: a missing key stops the pod instead of starting it without the shared state.
+    assert env["BRIDGE_STATE_URL"]["valueFrom"] == {"secretKeyRef": ref}
+    assert env["BRIDGE_REPLICA_ID"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    rendered_config = json.dumps(env_config(objects))
+    assert "BRIDGE_STATE_URL" not in rendered_config
+    assert "pg-pa55" not in rendered_config
+    if source == "chart-secret":
+        data = objects[("Secret", FULLNAME)]["data"]
+        assert base64.b64decode(data["BRIDGE_STATE_URL"]).decode() == STATE_URL
+    text = notes(chart, {**given, "replicaCount": 3})
+    assert "Scaled mode is on: 3 replica(s)" in text
+    assert f"from the Secret {ref['name']}, key {ref['key']}." in text
+    assert "pg-pa55" not in text
+
+
+def test_scaled_mode_settings_reach_the_bridge(
+    chart: helm.Chart, scaled_values: dict[str, Any]
+) -> None:
+    config = env_config(render(chart, scaled_values))
+    lease = {
+        k: v
+        for k, v in config.items()
+        if k in {"BRIDGE_SHARDS", "BRIDGE_LEASE_TTL", "BRIDGE_LEASE_RENEW"}
+    }
+    assert lease == {"BRIDGE_SHARDS": "32", "BRIDGE_LEASE_TTL": "15", "BRIDGE_LEASE_RENEW": "3"}
+    # The bridge accepts what the chart renders, and reads the same values back.
+    from bridge.settings import load_settings
+
+    settings = load_settings({**config, "BRIDGE_STATE_URL": STATE_URL})
+    assert settings.shards == 32
+    assert settings.lease_ttl == 15
+    assert settings.lease_renew == 3
+    assert settings.state_url is not None
+
+    fractional = env_config(
+        render(chart, {**SCALED, "config": {"leaseTtl": 7.5, "leaseRenew": 1.5, "shards": 1}})
+    )
+    assert fractional["BRIDGE_LEASE_TTL"] == "7.5"
+    assert fractional["BRIDGE_LEASE_RENEW"] == "1.5"
+    assert fractional["BRIDGE_SHARDS"] == "1"
+
+
+def test_scaled_mode_gives_the_handover_time_before_sigkill(chart: helm.Chart) -> None:
+    # The page in flight (SHUTDOWN_BOUND), then the shard handover, bounded by the lease TTL.
+    from bridge.bitrix24.portals import SHUTDOWN_BOUND
+
+    def grace(values: dict[str, Any]) -> int:
+        result: int = pod_spec(render(chart, values))["terminationGracePeriodSeconds"]
+        return result
+
+    assert grace(SCALED) >= SHUTDOWN_BOUND + 10 + 5
+    assert grace({**SCALED, "config": {"leaseTtl": 30, "leaseRenew": 5}}) >= SHUTDOWN_BOUND + 30
+    # A longer grace period asked for is kept.
+    assert grace({**SCALED, "terminationGracePeriodSeconds": 120}) == 120
+
+
+def test_scaled_replicas_spread_over_nodes_softly(
+    chart: helm.Chart, scaled_values: dict[str, Any]
+) -> None:
+    objects = render(chart, SCALED)
+    anti = pod_spec(objects)["affinity"]["podAntiAffinity"]
+    assert "requiredDuringSchedulingIgnoredDuringExecution" not in anti
+    (term,) = anti["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    selector = term["podAffinityTerm"]["labelSelector"]["matchLabels"]
+    pod_labels = one(objects, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert selector
+    assert selector.items() <= pod_labels.items()
+
+    # The operator's own node affinity is kept beside it; their own anti-affinity replaces it.
+    merged = pod_spec(render(chart, scaled_values))["affinity"]
+    assert set(merged) == {"nodeAffinity", "podAntiAffinity"}
+    assert merged["nodeAffinity"] == scaled_values["affinity"]["nodeAffinity"]
+    off = pod_spec(render(chart, {**SCALED, "affinity": {"podAntiAffinity": {}}}))
+    assert off["affinity"] == {"podAntiAffinity": {}}
+    # One replica has nothing to spread.
+    single = pod_spec(render(chart, {**SCALED, "replicaCount": 1}))
+    assert "affinity" not in single
+
+
+def test_scaled_pdb_keeps_a_replica_and_selects_the_pods(chart: helm.Chart) -> None:
+    objects = render(chart, SCALED)
+    pdb = one(objects, "PodDisruptionBudget")
+    kubernetes_validate.validate(pdb, KUBE_VERSIONS[0], strict=True)
+    spec = pdb["spec"]
+    assert spec["maxUnavailable"] == 1  # of 3: two keep running, one handover at a time
+    assert spec["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+    pod_labels = one(objects, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert spec["selector"]["matchLabels"].items() <= pod_labels.items()
+    assert spec["selector"] == one(objects, "Deployment")["spec"]["selector"]
+
+    # A budget that would let every replica go is refused; Kubernetes rounds percentages up.
+    assert one(
+        render(chart, {**SCALED, "podDisruptionBudget": {"maxUnavailable": "50%"}}),
+        "PodDisruptionBudget",
+    )
+    for everyone in (3, 5, "100%", "67%"):
+        with pytest.raises(helm.HelmRenderError, match="one replica stays"):
+            render_raw(chart, {**SCALED, "podDisruptionBudget": {"maxUnavailable": everyone}})
+    # One replica in scaled mode: the single pod may still be evicted, as by default.
+    assert render(
+        chart, {**SCALED, "replicaCount": 1, "podDisruptionBudget": {"maxUnavailable": 1}}
+    )
+    assert not [
+        k
+        for k, _ in render(chart, {**SCALED, "podDisruptionBudget": {"enabled": False}})
+        if k == "PodDisruptionBudget"
+    ]
+
+
+def test_state_url_mistakes_fail_without_showing_it(chart: helm.Chart) -> None:
+    twice = {**SCALED, "stateUrlSecret": {"name": "pg-app"}}
+    with pytest.raises(helm.HelmRenderError, match="state URL is given twice") as refused:
+        render_raw(chart, twice)
+    assert "pg-pa55" not in str(refused.value)
+    wrong = "mysql://bridge:pg-pa55@db:3306/bridge"
+    for replicas in (1, 3):
+        with pytest.raises(helm.HelmRenderError, match="postgresql://") as refused:
+            render_raw(chart, {"replicaCount": replicas, "secrets": {"stateUrl": wrong}})
+        assert "pg-pa55" not in str(refused.value)
+    with pytest.raises(helm.HelmRenderError, match=r"leaseRenew \(10\) must be shorter"):
+        render_raw(chart, {**SCALED, "config": {"leaseTtl": 10, "leaseRenew": 10}})
+
+
+def test_one_replica_with_a_state_url_is_scaled_mode_too(chart: helm.Chart) -> None:
+    objects = render(chart, {**SCALED, "replicaCount": 1})
+    assert one(objects, "Deployment")["spec"]["strategy"]["type"] == "RollingUpdate"
+    assert "BRIDGE_REPLICA_ID" in env_entries(objects)
+    assert not [kind for kind, _ in objects if kind == "PersistentVolumeClaim"]
+    # Persistence values are not used: not even a warning about them.
+    assert "persistence is disabled" not in notes(
+        chart, {**SCALED, "persistence": {"enabled": False}}
+    )
+
+
+def test_network_policy_lets_scaled_replicas_reach_postgresql(
+    chart: helm.Chart, full_values: dict[str, Any]
+) -> None:
+    def postgres_rules(values: dict[str, Any]) -> list[dict[str, Any]]:
+        policy = one(render(chart, values), "NetworkPolicy")["spec"]
+        return [r for r in policy["egress"] if {"port": 5432, "protocol": "TCP"} in r["ports"]]
+
+    assert postgres_rules(full_values) == []  # SQLite: no database to reach
+    scaled = {**full_values, "replicaCount": 3, "existingSecretKeys": {"stateUrl": "pg-url"}}
+    assert postgres_rules(scaled) == [{"ports": [{"port": 5432, "protocol": "TCP"}]}]
+    database = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "db"}}}]
+    narrowed = {
+        **scaled,
+        "networkPolicy": {**full_values["networkPolicy"], "egress": {"postgresTo": database}},
+    }
+    (rule,) = postgres_rules(narrowed)
+    assert rule["to"] == database
+    deployment_is_valid(render(chart, narrowed))
+    kubernetes_validate.validate(
+        one(render(chart, narrowed), "NetworkPolicy"), KUBE_VERSIONS[-1], strict=True
+    )
+
+
+def test_readme_scaled_mode_flags_render_as_described(chart: helm.Chart) -> None:
+    readme = (CHART_DIR.parent / "README.md").read_text()
+    (flags,) = [
+        c for c in re.findall(r"`([^`\n]+)`", readme) if c.startswith("--set replicaCount=")
+    ]
+    sets = re.findall(r"--set (\S+)", flags)
+    assert len(sets) == 2
+    values = helm.parse_set_string(",".join(sets))
+    objects = render(chart, {**values, "secrets": SECRETS})
+    for doc in objects.values():
+        kubernetes_validate.validate(doc, latest_version(), strict=True)
+    assert one(objects, "Deployment")["spec"]["replicas"] == 3
+    assert one(objects, "Deployment")["spec"]["strategy"]["type"] == "RollingUpdate"
+    # The Secret the README names, under the key it names.
+    ref = env_entries(objects)["BRIDGE_STATE_URL"]["valueFrom"]["secretKeyRef"]
+    assert f"the key `{ref['key']}` of the Secret `{ref['name']}`" in " ".join(readme.split())
+    # And the example values file the README points to.
+    assert "`helm/ci/scaled-values.yaml`" in readme
+    assert SCALED_VALUES.is_file()

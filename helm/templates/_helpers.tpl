@@ -110,7 +110,7 @@ Every variable that holds a secret (or that the chart sets from the Secret). Non
 through config.extraEnv, in any letter case: the bridge reads variable names case-insensitively.
 */}}
 {{- define "bitrix24-bridge.secretVarNames" -}}
-{{- toJson (list "BRIDGE_CLIENT_ID" "BRIDGE_CLIENT_SECRET" "BRIDGE_AMQP_URL" "BRIDGE_REFRESH_TOKEN" "BRIDGE_APPLICATION_TOKEN" "BRIDGE_STATE_KEY" "BRIDGE_DIADOC_CLIENT_SECRET" "BRIDGE_DIADOC_REFRESH_TOKEN") }}
+{{- toJson (list "BRIDGE_CLIENT_ID" "BRIDGE_CLIENT_SECRET" "BRIDGE_AMQP_URL" "BRIDGE_REFRESH_TOKEN" "BRIDGE_APPLICATION_TOKEN" "BRIDGE_STATE_KEY" "BRIDGE_DIADOC_CLIENT_SECRET" "BRIDGE_DIADOC_REFRESH_TOKEN" "BRIDGE_STATE_URL") }}
 {{- end }}
 
 {{/*
@@ -118,7 +118,7 @@ Secret values as (field of secrets / existingSecretKeys -> variable name). The D
 while diadoc.enabled: a disabled source gets none of its variables.
 */}}
 {{- define "bitrix24-bridge.secretVars" -}}
-{{- $vars := dict "clientId" "BRIDGE_CLIENT_ID" "clientSecret" "BRIDGE_CLIENT_SECRET" "amqpUrl" "BRIDGE_AMQP_URL" "refreshToken" "BRIDGE_REFRESH_TOKEN" "applicationToken" "BRIDGE_APPLICATION_TOKEN" "stateKey" "BRIDGE_STATE_KEY" }}
+{{- $vars := dict "clientId" "BRIDGE_CLIENT_ID" "clientSecret" "BRIDGE_CLIENT_SECRET" "amqpUrl" "BRIDGE_AMQP_URL" "refreshToken" "BRIDGE_REFRESH_TOKEN" "applicationToken" "BRIDGE_APPLICATION_TOKEN" "stateKey" "BRIDGE_STATE_KEY" "stateUrl" "BRIDGE_STATE_URL" }}
 {{- if .Values.diadoc.enabled }}
 {{- $_ := set $vars "diadocClientSecret" "BRIDGE_DIADOC_CLIENT_SECRET" }}
 {{- $_ := set $vars "diadocRefreshToken" "BRIDGE_DIADOC_REFRESH_TOKEN" }}
@@ -175,4 +175,23 @@ empty or null are not set, so the bridge's own default applies.
 {{- end }}
 {{- end }}
 {{- toJson $out }}
+{{- end }}
+
+{{/*
+"true" in scaled mode: a state URL is given (secrets.stateUrl, existingSecretKeys.stateUrl or
+stateUrlSecret.name), so the state is in PostgreSQL and any number of replicas may run; empty
+otherwise. Fails when the URL is given in two places or is not a postgresql:// URL (the message
+never holds the URL: it carries a password).
+*/}}
+{{- define "bitrix24-bridge.scaled" -}}
+{{- $inSecret := hasKey (include "bitrix24-bridge.secretKeys" . | fromJson) "BRIDGE_STATE_URL" }}
+{{- if and $inSecret .Values.stateUrlSecret.name }}
+{{- fail (printf "the state URL is given twice: in stateUrlSecret (%s) and in %s; keep one" .Values.stateUrlSecret.name (ternary "existingSecretKeys.stateUrl" "secrets.stateUrl" (not (empty .Values.existingSecret)))) }}
+{{- end }}
+{{- with .Values.secrets.stateUrl }}
+{{- if and (not $.Values.existingSecret) (not (regexMatch "^postgres(ql)?://[^\\s/]+" .)) }}
+{{- fail "secrets.stateUrl must be a postgresql:// URL with a host (postgresql://user:password@host:5432/database)" }}
+{{- end }}
+{{- end }}
+{{- if or $inSecret .Values.stateUrlSecret.name }}true{{ end }}
 {{- end }}
