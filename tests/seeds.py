@@ -37,7 +37,10 @@ def generator(seed: int, test_id: str) -> random.Random:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.stash[_RUN_SEED] = run_seed()
+    config.stash[_RUN_SEED] = seed = run_seed()
+    # Parallel workers (pytest-xdist) start after this and inherit the environment: one run, one
+    # seed, the one in the header.
+    os.environ[VARIABLE] = str(seed)
 
 
 def pytest_report_header(config: pytest.Config) -> str:

@@ -206,6 +206,7 @@ def _eval(expression: str) -> str:
     return done.stdout.decode().strip()
 
 
+@pytest.mark.serial
 async def test_memory_alarm_blocks_publishing_and_nothing_is_cleared_until_it_clears(
     emulated: tuple[EmulatorServer, Portal, int], amqp_ns: AmqpNamespace, tmp_path: Path
 ) -> None:

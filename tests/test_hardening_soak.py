@@ -131,6 +131,7 @@ def _journal_size(path: Path) -> int:
         return int(conn.execute("SELECT count(*) FROM journal").fetchone()[0])
 
 
+@pytest.mark.serial
 @pytest.mark.slow
 async def test_soak(
     emulated: tuple[EmulatorServer, Portal, int],

@@ -442,6 +442,7 @@ def _rabbitmqctl_eval(expression: str) -> str:
     return done.stdout.decode().strip()
 
 
+@pytest.mark.serial
 @pytest.mark.slow
 async def test_blocked_connection_waits_and_times_out_without_losing_the_connection(
     make_publisher: Callable[..., Publisher], amqp_ns: AmqpNamespace
