@@ -16,7 +16,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.types import Receive, Scope, Send
 
-from bridge.emulators.bitrix24 import control, control_notify, farm_control
+from bridge.emulators.bitrix24 import calllog, control, control_notify, farm_control
 from bridge.emulators.bitrix24.calls import handle, method_name
 from bridge.emulators.bitrix24.config import EmulatorConfig
 from bridge.emulators.bitrix24.control import PORTAL_KEY, portal_of
@@ -128,7 +128,14 @@ def _moved(portal: Portal, request: Request) -> Response | None:
     return Response(status_code=302, headers={"location": location})
 
 
-def _log(request: Request, kind: str, portal: Portal | None, method: str, answer: Response) -> None:
+def _log(
+    request: Request,
+    kind: str,
+    portal: Portal | None,
+    method: str,
+    answer: Response,
+    arrived: tuple[float, float],
+) -> None:
     farm: Farm = request.app.state.farm
     error = None
     if answer.status_code >= 400 and isinstance(answer, JSONResponse):
@@ -143,14 +150,17 @@ def _log(request: Request, kind: str, portal: Portal | None, method: str, answer
         headers=request.headers,
         outcome=str(outcome),
         status=answer.status_code,
+        arrived=arrived,
     )
 
 
 async def rest(request: Request) -> Response:
+    arrived = calllog.now()
     portal = portal_of(request)
     path = request.path_params["path"]
     answer = await _rest(portal, request, path)
-    _log(request, "rest", portal, method_name(path.rstrip("/").rpartition("/")[2]), answer)
+    method = method_name(path.rstrip("/").rpartition("/")[2])
+    _log(request, "rest", portal, method, answer, arrived)
     return answer
 
 
@@ -173,6 +183,7 @@ async def _rest(portal: Portal, request: Request, path: str) -> Response:
 
 
 async def token(request: Request) -> Response:
+    arrived = calllog.now()
     farm: Farm = request.app.state.farm
     params = dict(request.query_params)
     owner: Portal | None = None
@@ -182,14 +193,14 @@ async def token(request: Request) -> Response:
         except ValueError:
             farm.unattributed["invalid_request"] += 1
             answer = JSONResponse(OAuthError("invalid_request", "bad body", 400).body(), 400)
-            _log(request, "oauth", None, "oauth.token", answer)
+            _log(request, "oauth", None, "oauth.token", answer, arrived)
             return answer
     try:
         owner, body = farm.refresh(params)
         answer = JSONResponse(body)
     except FarmOAuthError as exc:
         owner, answer = exc.portal, JSONResponse(exc.body(), status_code=exc.status)
-    _log(request, "oauth", owner, "oauth.token", answer)
+    _log(request, "oauth", owner, "oauth.token", answer, arrived)
     return answer
 
 

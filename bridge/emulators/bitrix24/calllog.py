@@ -1,6 +1,7 @@
 """Every REST and OAuth request the emulator answered, with who sent it.
 
-Each entry has a sequence number, so a reader pages through the log with ``since``; memory is a
+Entries are in the order answers went out; each has the time its request arrived, and a
+sequence number, so a reader pages through the log with ``since``; memory is a
 ring of the newest ``capacity`` entries, and ``path`` (optional) keeps all of them as JSON lines.
 A client names itself with two request headers: ``X-Bridge-Replica`` (which process) and
 ``X-Bridge-Epoch`` (the shard epoch it held when it called).
@@ -18,6 +19,11 @@ REPLICA_HEADER = "x-bridge-replica"
 EPOCH_HEADER = "x-bridge-epoch"
 DEFAULT_CAPACITY = 100_000
 MAX_PAGE = 10_000
+
+
+def now() -> tuple[float, float]:
+    """The wall clock and the monotonic clock, read together."""
+    return time.time(), time.monotonic()
 
 
 class CallLog:
@@ -39,12 +45,15 @@ class CallLog:
         headers: Any,
         outcome: str,
         status: int,
+        arrived: tuple[float, float] | None = None,
     ) -> None:
-        """``headers``: the request's (a mapping with ``get``, case-insensitive keys)."""
+        """``headers``: the request's (a mapping with ``get``, case-insensitive keys);
+        ``arrived``: when the request came, as :func:`now` tells it (default: now)."""
+        wall, monotonic = arrived if arrived is not None else now()
         entry = {
             "seq": self._next,
-            "time": time.time(),
-            "monotonic": time.monotonic(),
+            "time": wall,
+            "monotonic": monotonic,
             "kind": kind,  # "rest" or "oauth"
             "member_id": member_id,
             "method": method,

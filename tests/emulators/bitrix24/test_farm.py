@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -230,3 +231,18 @@ def test_portals_take_consecutive_loopback_addresses_or_refuse_clearly(
     assert emulator_cli.main(["--portals", "2", "--host", "0.0.0.0"]) == 1
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith("emulator: more than one portal needs --host on 127.0.0.0/8")
+
+
+def test_the_call_log_stamps_a_call_when_it_arrives_not_when_it_is_answered(
+    farm: EmulatorServer, portals: tuple[PortalClient, PortalClient]
+) -> None:
+    first, _ = portals
+    token = first.token
+    assert first.http.post("/_emulator/faults", json={"latency_ms": 300}).status_code == 200
+    sent = time.monotonic()
+    first.post("app.info", token=token)
+    answered = time.monotonic()
+    (entry,) = _farm_get(farm, "calls", since=_farm_get(farm, "calls")["total"] - 1)["calls"]
+    assert entry["method"] == "app.info"
+    # The emulator runs in this process: one monotonic clock. The answer waited out the latency.
+    assert sent <= entry["monotonic"] <= answered - 0.3
