@@ -1,7 +1,8 @@
 """The emulator in a process of its own, so it never competes with the benchmark for the GIL.
 
 ``python -m bench.emulator_server '{"rate_limit": null, ...}'`` starts an emulator with that
-:class:`EmulatorConfig`, prints one JSON line ``{"port": N, "base_url": ...}`` and serves until
+:class:`EmulatorConfig` (``"portals": N`` for a farm, ``"call_log": PATH`` for a call log file),
+prints one JSON line ``{"port": N, "base_url": ..., "portals": [base URLs]}`` and serves until
 its standard input closes (or SIGTERM). It adds one route, ``GET /_bench/requests``: the number of
 HTTP requests under ``/rest/`` so far (a ``batch`` counts once), which the emulator's own
 ``/_emulator/calls`` cannot tell apart from the sub-calls.
@@ -20,7 +21,9 @@ from typing import Any
 from starlette.responses import JSONResponse
 from starlette.types import Receive, Scope, Send
 
-from bridge.emulators.bitrix24 import EmulatorConfig, Portal, ThreadedServer, create_emulator_app
+from bridge.emulators.bitrix24 import EmulatorConfig, ThreadedServer, create_emulator_app
+from bridge.emulators.bitrix24.calllog import CallLog
+from bridge.emulators.bitrix24.farm import Farm, addresses
 
 
 class RequestCounter:
@@ -49,13 +52,17 @@ class RequestCounter:
 
 def main(argv: list[str]) -> int:
     options: dict[str, Any] = json.loads(argv[0]) if argv else {}
+    # Besides EmulatorConfig's fields: "portals" (a farm of that many) and "call_log" (a path).
+    portals = int(options.pop("portals", 1))
+    call_log = options.pop("call_log", None)
     config = EmulatorConfig(**options)
-    server = ThreadedServer(config.host, config.port)
+    server = ThreadedServer(config.host, config.port, also=addresses(config.host, portals)[1:])
     port = server.bind()
     config = dataclasses.replace(config, port=port)
-    portal = Portal(config)
-    server.serve(RequestCounter(create_emulator_app(config, portal=portal)))
-    print(json.dumps({"port": port, "base_url": config.base_url}), flush=True)
+    farm = Farm.of(config, portals, CallLog(path=call_log))
+    server.serve(RequestCounter(create_emulator_app(config, farm=farm)))
+    bases = [p.base_url for p in farm.portals]
+    print(json.dumps({"port": port, "base_url": config.base_url, "portals": bases}), flush=True)
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())

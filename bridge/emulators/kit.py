@@ -8,7 +8,7 @@ import concurrent.futures
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import uvicorn
@@ -27,38 +27,48 @@ class ThreadedServer:
         log_level: str | None = None,
         log_config: dict[str, Any] | None = None,
         tls: tuple[str, str] | None = None,
+        also: Sequence[str] = (),
     ) -> None:
         # Without a log level or config uvicorn leaves the host process's logging alone.
         self.host = host
+        self._also = tuple(also)  # more addresses served on the same port (one app, one loop)
         self._tls = tls  # (certificate file, key file): serve HTTPS
         self._requested_port = port
         self._log_level = log_level
         self._log_config = log_config
         self._socket: socket.socket | None = None
+        self._sockets: list[socket.socket] = []
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def bind(self) -> int:
         if self._socket is None:
-            family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            # Accepted sockets inherit this; without it h11's separate header and body writes
-            # meet the client's delayed ACK and every answer takes 40 ms.
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.bind((self.host, self._requested_port))
-            self._socket = sock
-        port: int = self._socket.getsockname()[1]
-        return port
+            # A port picked for the first address may be taken on another: try a few.
+            attempts = 5 if self._also and not self._requested_port else 1
+            for attempt in range(attempts):
+                bound = [_listen(self.host, self._requested_port)]
+                try:
+                    for host in self._also:
+                        bound.append(_listen(host, bound[0].getsockname()[1]))
+                except OSError:
+                    for sock in bound:
+                        sock.close()
+                    if attempt == attempts - 1:
+                        raise
+                    continue
+                self._sockets = bound
+                break
+            self._socket = self._sockets[0]
+        port_now: int = self._socket.getsockname()[1]
+        return port_now
 
     @property
     def port(self) -> int:
         return self.bind()
 
     def serve(self, app: Any, *, timeout: float = 10.0) -> None:
-        sock = self._socket
-        if sock is None:
+        if self._socket is None:
             raise RuntimeError("bind() first")
         config = uvicorn.Config(
             app,
@@ -77,7 +87,7 @@ class ThreadedServer:
         server = uvicorn.Server(config)
         self._server = server
         self._thread = threading.Thread(
-            target=self._run, args=(server, sock), name=f"uvicorn:{self.port}", daemon=True
+            target=self._run, args=(server, self._sockets), name=f"uvicorn:{self.port}", daemon=True
         )
         self._thread.start()
         deadline = time.monotonic() + timeout
@@ -86,10 +96,10 @@ class ThreadedServer:
                 raise RuntimeError(f"server on port {self.port} did not start")
             time.sleep(0.005)
 
-    def _run(self, server: uvicorn.Server, sock: socket.socket) -> None:
+    def _run(self, server: uvicorn.Server, sockets: list[socket.socket]) -> None:
         async def main() -> None:
             self._loop = asyncio.get_running_loop()
-            await server.serve(sockets=[sock])
+            await server.serve(sockets=sockets)
 
         asyncio.run(main())
 
@@ -115,8 +125,24 @@ class ThreadedServer:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
-        if self._socket is not None:
-            self._socket.close()
-            self._socket = None
+        for sock in self._sockets:
+            sock.close()
+        self._sockets = []
+        self._socket = None
         self._server = None
         self._loop = None
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # Accepted sockets inherit this; without it h11's separate header and body writes
+        # meet the client's delayed ACK and every answer takes 40 ms.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock

@@ -83,9 +83,10 @@ class NotificationSink:
 class PortalClient:
     """A plain HTTP client of one emulator: REST calls, OAuth, and the control API."""
 
-    def __init__(self, server: EmulatorServer) -> None:
+    def __init__(self, server: EmulatorServer, base_url: str | None = None) -> None:
+        """``base_url``: one portal of a farm (default: the first)."""
         self.server = server
-        self.http = httpx.Client(base_url=server.base_url, timeout=10.0)
+        self.http = httpx.Client(base_url=base_url or server.base_url, timeout=10.0)
         self._token: str | None = None
 
     def close(self) -> None:

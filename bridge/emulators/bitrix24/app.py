@@ -10,20 +10,24 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.types import Receive, Scope, Send
 
-from bridge.emulators.bitrix24 import control, control_notify
-from bridge.emulators.bitrix24.calls import handle
+from bridge.emulators.bitrix24 import calllog, control, control_notify, farm_control
+from bridge.emulators.bitrix24.calls import handle, method_name
 from bridge.emulators.bitrix24.config import EmulatorConfig
+from bridge.emulators.bitrix24.control import PORTAL_KEY, portal_of
 from bridge.emulators.bitrix24.errors import RestError, argument
+from bridge.emulators.bitrix24.farm import Farm, FarmOAuthError
 from bridge.emulators.bitrix24.oauth import OAuthError
 from bridge.emulators.bitrix24.phpform import parse_str
 from bridge.emulators.bitrix24.portal import Portal
 
 DROP_KEY = "bridge.emulators.bitrix24.drop"
+FARM_WIDE = ("/oauth/", "/_farm/")  # answered on any address; the rest is a portal's
 MAX_BODY = 8 * 1024 * 1024
 
 
@@ -46,12 +50,19 @@ _HIDE_DROPS = _HideDrops()
 
 
 class EmulatorApp(Starlette):
-    """Starlette that can lose an answer: the lost-reservation fault needs a silent hang-up."""
+    """Starlette that finds the portal a request is for, and can lose an answer: the
+    lost-reservation fault needs a silent hang-up."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> Any:
         if scope["type"] != "http":
             await super().__call__(scope, receive, send)
             return None
+        farm: Farm = self.state.farm
+        portal = farm.portal_at(Headers(scope=scope).get("host", ""), scope.get("server"))
+        if portal is None and not scope["path"].startswith(FARM_WIDE):
+            await JSONResponse({"error": "no portal at this address"}, 404)(scope, receive, send)
+            return None
+        scope[PORTAL_KEY] = portal
         marker: dict[str, bool] = {"dropped": False}
         scope[DROP_KEY] = marker
         await super().__call__(scope, receive, send)
@@ -117,8 +128,43 @@ def _moved(portal: Portal, request: Request) -> Response | None:
     return Response(status_code=302, headers={"location": location})
 
 
+def _log(
+    request: Request,
+    kind: str,
+    portal: Portal | None,
+    method: str,
+    answer: Response,
+    arrived: tuple[float, float],
+) -> None:
+    farm: Farm = request.app.state.farm
+    error = None
+    if answer.status_code >= 400 and isinstance(answer, JSONResponse):
+        error = json.loads(bytes(answer.body)).get("error")
+    outcome = "moved" if answer.status_code == 302 else error or "ok"
+    if isinstance(answer, DroppedAnswer):
+        outcome = "dropped"
+    farm.call_log.record(
+        kind=kind,
+        member_id=portal.config.member_id if portal is not None else None,
+        method=method,
+        headers=request.headers,
+        outcome=str(outcome),
+        status=answer.status_code,
+        arrived=arrived,
+    )
+
+
 async def rest(request: Request) -> Response:
-    portal: Portal = request.app.state.portal
+    arrived = calllog.now()
+    portal = portal_of(request)
+    path = request.path_params["path"]
+    answer = await _rest(portal, request, path)
+    method = method_name(path.rstrip("/").rpartition("/")[2])
+    _log(request, "rest", portal, method, answer, arrived)
+    return answer
+
+
+async def _rest(portal: Portal, request: Request, path: str) -> Response:
     moved = _moved(portal, request)
     if moved is not None:
         return moved
@@ -130,30 +176,41 @@ async def rest(request: Request) -> Response:
         params = await _request_params(request)
     except RestError as exc:
         return JSONResponse(exc.body(), status_code=exc.status)
-    handled = handle(portal, request.path_params["path"], params, _bearer(request))
+    handled = handle(portal, path, params, _bearer(request))
     if handled.dropped:
         return DroppedAnswer()
     return JSONResponse(handled.reply.body(), status_code=handled.reply.status)
 
 
 async def token(request: Request) -> Response:
-    portal: Portal = request.app.state.portal
+    arrived = calllog.now()
+    farm: Farm = request.app.state.farm
     params = dict(request.query_params)
+    owner: Portal | None = None
     if request.method == "POST":
         try:
             params.update(parse_str(await request.body()))
         except ValueError:
-            return JSONResponse(OAuthError("invalid_request", "bad body", 400).body(), 400)
+            farm.unattributed["invalid_request"] += 1
+            answer = JSONResponse(OAuthError("invalid_request", "bad body", 400).body(), 400)
+            _log(request, "oauth", None, "oauth.token", answer, arrived)
+            return answer
     try:
-        pair = portal.tokens.refresh(params, portal.now())
-    except OAuthError as exc:
-        return JSONResponse(exc.body(), status_code=exc.status)
-    return JSONResponse(portal.tokens.answer(pair, portal.client_endpoint))
+        owner, body = farm.refresh(params)
+        answer = JSONResponse(body)
+    except FarmOAuthError as exc:
+        owner, answer = exc.portal, JSONResponse(exc.body(), status_code=exc.status)
+    _log(request, "oauth", owner, "oauth.token", answer, arrived)
+    return answer
 
 
-def create_emulator_app(config: EmulatorConfig, *, portal: Portal | None = None) -> Starlette:
-    """The emulator's ASGI app; ``app.state.portal`` is its :class:`Portal`."""
-    state = portal if portal is not None else Portal(config)
+def create_emulator_app(
+    config: EmulatorConfig, *, portal: Portal | None = None, farm: Farm | None = None
+) -> Starlette:
+    """The emulator's ASGI app for one portal (``portal``, else a new one of ``config``) or for
+    every portal of ``farm``; ``app.state.portal`` is the first, ``app.state.farm`` all."""
+    if farm is None:
+        farm = Farm([portal if portal is not None else Portal(config)])
     uvicorn_log = logging.getLogger("uvicorn.error")
     if _HIDE_DROPS not in uvicorn_log.filters:
         uvicorn_log.addFilter(_HIDE_DROPS)
@@ -161,7 +218,8 @@ def create_emulator_app(config: EmulatorConfig, *, portal: Portal | None = None)
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         yield
-        await state.notifier.aclose()
+        await asyncio.gather(*(p.notifier.aclose() for p in farm.portals))
+        farm.close()
 
     app = EmulatorApp(
         routes=[
@@ -169,8 +227,10 @@ def create_emulator_app(config: EmulatorConfig, *, portal: Portal | None = None)
             Route("/oauth/token/", token, methods=["GET", "POST"]),
             Route("/oauth/token", token, methods=["GET", "POST"]),
             Mount("/_emulator", routes=[*control.routes, *control_notify.routes]),
+            Mount("/_farm", routes=farm_control.routes),
         ],
         lifespan=lifespan,
     )
-    app.state.portal = state
+    app.state.portal = farm.portals[0]
+    app.state.farm = farm
     return app

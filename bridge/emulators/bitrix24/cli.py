@@ -7,11 +7,12 @@ import logging
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import FrameType
 
 import uvicorn.config
 
+from bridge.emulators.bitrix24.calllog import DEFAULT_CAPACITY
 from bridge.emulators.bitrix24.config import EmulatorConfig
 from bridge.emulators.bitrix24.server import EmulatorServer
 
@@ -31,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=(
             "examples:\n"
             "  bitrix24-bridge emulator --port 8090 --handler http://127.0.0.1:8080/bitrix24/events\n"
-            "  bitrix24-bridge emulator --port 8090 --auto-bind --rate-limit 5 --rate-burst 250"
+            "  bitrix24-bridge emulator --port 8090 --auto-bind --rate-limit 5 --rate-burst 250\n"
+            "  bitrix24-bridge emulator --port 8090 --portals 24 --call-log calls.jsonl"
         ),
         formatter_class=_HelpFormatter,
     )
@@ -92,8 +94,42 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--client-secret", help="fixed client secret (default: random)")
     parser.add_argument("--application-token", help="fixed application token (default: random)")
     parser.add_argument("--member-id", help="fixed member id (default: random)")
+    parser.add_argument(
+        "--portals",
+        type=_at_least(1),
+        default=1,
+        help="portals to serve, each with its own member id, application token, queue and "
+        "limits, on its own loopback address (--host, the next address, ...) with one port; "
+        "one OAuth server for all; the farm's control API is under /_farm/",
+    )
+    parser.add_argument(
+        "--call-log",
+        metavar="PATH",
+        help="also append every REST and OAuth request to this file, one JSON line each",
+    )
+    parser.add_argument(
+        "--call-log-size",
+        type=_at_least(0),
+        default=DEFAULT_CAPACITY,
+        help="requests the call log keeps in memory (GET /_farm/calls?since=N); 0 = file only",
+    )
     parser.add_argument("--log-level", default="info", help="uvicorn log level")
     return parser
+
+
+def _at_least(minimum: int) -> Callable[[str], int]:
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            number = minimum - 1
+        if number < minimum:
+            raise argparse.ArgumentTypeError(
+                f"expected a whole number of {minimum} or more, got {value!r}"
+            )
+        return number
+
+    return parse
 
 
 def config_from(args: argparse.Namespace) -> EmulatorConfig:
@@ -123,6 +159,17 @@ def config_from(args: argparse.Namespace) -> EmulatorConfig:
     return config
 
 
+def _farm_banner(server: EmulatorServer) -> str:
+    farm = server.farm
+    assert farm is not None
+    last = farm.portals[-1].config
+    return (
+        f"Bitrix24 portal farm: {len(farm.portals)} portals, {server.config.domain} to "
+        f"{last.domain}; control API {server.config.base_url}/_farm/ (GET portals for each "
+        "one's member id, endpoint and application token). The first portal:"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     stop = threading.Event()
@@ -131,8 +178,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         server = EmulatorServer(
-            config_from(args), log_level=args.log_level, log_config=uvicorn.config.LOGGING_CONFIG
-        ).start()
+            config_from(args),
+            portals=args.portals,
+            call_log_path=args.call_log,
+            call_log_size=args.call_log_size,
+            log_level=args.log_level,
+            log_config=uvicorn.config.LOGGING_CONFIG,
+        )
+    except ValueError as exc:  # --portals with a --host that has no room for them, say
+        print(f"emulator: {exc}", file=sys.stderr)
+        return 1
+    if args.call_log:
+        try:
+            open(args.call_log, "a").close()  # only a check that it is writable
+        except OSError as exc:
+            print(f"emulator: cannot write the call log: {exc}", file=sys.stderr)
+            return 1
+    try:
+        server.start()
     except OSError as exc:
         print(f"emulator: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 1
@@ -143,6 +206,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     assert portal is not None
     refresh = server.run_in_loop(lambda: portal.tokens.issue(1, portal.now()).refresh_token)
     config = server.config
+    if args.portals > 1:
+        print(_farm_banner(server), flush=True)
     print(
         "Bitrix24 portal emulator\n"
         f"  domain             {config.domain}\n"

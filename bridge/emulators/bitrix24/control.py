@@ -25,8 +25,11 @@ class BadRequest(Exception):
     pass
 
 
+PORTAL_KEY = "bridge.emulators.bitrix24.portal"  # the request's portal, found by the app
+
+
 def portal_of(request: Request) -> Portal:
-    portal: Portal = request.app.state.portal
+    portal: Portal = request.scope[PORTAL_KEY]
     return portal
 
 
@@ -59,13 +62,13 @@ async def app_info(request: Request) -> JSONResponse:
             "member_id": config.member_id,
             "domain": portal.domain,
             "client_endpoint": portal.client_endpoint,
-            "oauth_url": config.base_url,
+            "oauth_url": request.app.state.farm.oauth_url,
             "refresh_token": pair.refresh_token,
         }
     )
 
 
-def _incoming(body: dict[str, Any]) -> list[Incoming]:
+def incoming_events(body: dict[str, Any]) -> list[Incoming]:
     generate = body.get("generate")
     if isinstance(generate, Mapping):
         event, count = str(generate.get("event", "ONCRMLEADADD")), int(generate.get("count", 1))
@@ -91,7 +94,7 @@ def _incoming(body: dict[str, Any]) -> list[Incoming]:
 async def add_events(request: Request) -> JSONResponse:
     try:
         body = await json_body(request)
-        incoming = _incoming(body)
+        incoming = incoming_events(body)
     except (BadRequest, TypeError, ValueError) as exc:
         return error(str(exc))
     return JSONResponse(portal_of(request).add_events(incoming, str(body.get("connector") or "")))
@@ -130,6 +133,8 @@ async def stats(request: Request) -> JSONResponse:
             "bans": {m: until for m in sorted(methods) if (until := limiter.banned_until(m, now))},
             "bans_imposed": dict(limiter.bans_imposed),
             "cleaned": portal.cleaned,
+            "delivered": portal.delivered,
+            "cleared": portal.cleared,
             "now": now,
         }
     )

@@ -37,11 +37,18 @@ async def install(request: Request) -> JSONResponse:
         return error(str(exc))
     url = body.get("url") or portal.config.handler_url
     if not url:
-        return error("no install URL: start the emulator with a handler or pass 'url'", 409)
+        return error(NO_INSTALL_URL, 409)
+    return await deliver(portal, url, install_form(portal, user_id))
+
+
+NO_INSTALL_URL = "no install URL: start the emulator with a handler or pass 'url'"
+
+
+def install_form(portal: Portal, user_id: int) -> dict[str, Any]:
+    """Install the application afresh; the ONAPPINSTALL notification to send for it."""
     portal.install()
     handler_id = portal.implicit_binding("ONAPPINSTALL")  # the install URL's binding
-    form = notices.install(portal, handler_id, user_id)
-    return await deliver(portal, url, form)
+    return notices.install(portal, handler_id, user_id)
 
 
 async def uninstall(request: Request) -> JSONResponse:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,11 +36,21 @@ class OAuthError(Exception):
         return {"error": self.code, "error_description": self.description}
 
 
+# Refresh tokens already presented, remembered so that one presented again can be told apart
+# from one this portal never issued (the OAuth server of a farm names the portal it belongs to).
+SPENT_KEPT = 100_000
+
+
 class Tokens:
     def __init__(self, config: EmulatorConfig) -> None:
         self._config = config
         self._access: dict[str, Grant] = {}
         self._refresh: dict[str, Grant] = {}
+        self._spent: OrderedDict[str, None] = OrderedDict()
+
+    def knows(self, refresh_token: str) -> bool:
+        """This portal issued the refresh token (alive or already presented)."""
+        return refresh_token in self._refresh or refresh_token in self._spent
 
     def issue(self, user_id: int, now: float) -> TokenPair:
         access, refresh = secrets.token_hex(35), secrets.token_hex(35)
@@ -76,7 +87,12 @@ class Tokens:
         ):
             raise OAuthError("invalid_client", "Invalid client credentials", 401)
         # Rotation is strict: the token is dead from the moment it is presented.
-        grant = self._refresh.pop(str(params["refresh_token"]), None)
+        presented = str(params["refresh_token"])
+        grant = self._refresh.pop(presented, None)
+        if grant is not None:
+            self._spent[presented] = None
+            if len(self._spent) > SPENT_KEPT:
+                self._spent.popitem(last=False)
         if grant is None or now >= grant.expires_at:
             raise OAuthError("invalid_grant", "Invalid grant", 400)
         return self.issue(grant.user_id, now)

@@ -49,12 +49,13 @@ def offline_get(call: Call) -> Outcome:
     queue = portal.store.queue(connector)
     rows = queue.select(flt, order, limit, error=error, process_id=process_id)
     events = [row.as_event(portal.store.zone) for row in rows]
+    portal.delivered += len(rows)
     if process_id is None:
         # Rows are stamped first and deleted afterwards, as the server does it in two steps.
         process_id = new_process_id()
         queue.reserve(rows, process_id)
         if clear:
-            queue.delete(rows)
+            portal.cleared += queue.delete(rows)
         answer_id: str | None = None if clear else process_id
         reserved = bool(rows) and not clear
     else:
@@ -62,7 +63,7 @@ def offline_get(call: Call) -> Outcome:
         reserved = False
         if clear and rows:
             # Every row of the process goes, not only the `limit` returned.
-            queue.delete(queue.of_process(process_id))
+            portal.cleared += queue.delete(queue.of_process(process_id))
     return Outcome({"process_id": answer_id, "events": events}, rows=len(rows), reserved=reserved)
 
 
@@ -114,7 +115,7 @@ def offline_clear(call: Call) -> Outcome:
     elif p.get("ID") is not None:
         ids = _ids(p["ID"])
         rows = [row for row in rows if row.id in ids] if ids else rows
-    queue.delete(rows)
+    call.portal.cleared += queue.delete(rows)
     return Outcome(True)
 
 

@@ -72,6 +72,8 @@ class Portal:
         self._implicit: dict[str, int] = {}
         self._cleaned_at = self.now()
         self.cleaned = 0
+        self.delivered = 0  # rows event.offline.get handed out
+        self.cleared = 0  # rows the application deleted: event.offline.get clear=1 or .clear
 
     def now(self) -> float:
         return self.config.clock() + self.time_shift
@@ -94,6 +96,7 @@ class Portal:
         self.notifier.stats.clear()
         self.last_offline_notice = None
         self.suppressed = 0
+        self.delivered = self.cleared = 0
 
     # -- where the portal is ---------------------------------------------------------------
 
