@@ -87,7 +87,7 @@ class ShardedPortals(Portals):
             await self._load()
         except BridgeError as exc:
             log.warning("portals unreadable; next round", extra={"reason": str(exc)})
-        self._start_missing()
+        self._start_missing(taken_over=True)
 
     async def lose(self, shard: int, epoch: int, grace: float) -> None:
         """Stop the shard's drainers: each finishes its page within ``grace``, if it may."""
@@ -117,12 +117,16 @@ class ShardedPortals(Portals):
         for session in self.sessions.values():
             session.drainer.tick()
 
-    def _start_missing(self) -> None:
+    def _start_missing(self, *, taken_over: bool = False) -> None:
         if self.closing:
             return
         for member_id, portal in self._directory.items():
             if portal.active and member_id not in self.sessions and self._local(member_id):
                 session = self._session(portal)
+                if taken_over:
+                    # The previous owner's last request may still run on the portal and stamp
+                    # rows nobody journaled: keep looking for orphans until it cannot any more.
+                    session.queue.orphans.abandoned()
                 if self.running:
                     session.drainer.start()
 
