@@ -128,6 +128,9 @@ class Metrics:
         )
 
         # Scaled mode (BRIDGE_STATE_URL); 0 otherwise.
+        self.shards = Gauge(
+            PREFIX + "shards", "Ownership shards of the deployment (BRIDGE_SHARDS)", registry=r
+        )
         self.shards_held = Gauge(
             PREFIX + "shards_held", "Shards whose lease this replica holds", registry=r
         )

@@ -20,9 +20,10 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 CASES = sorted((ROOT / "tests" / "alerts").glob("*.test.yaml"))
-# Everything that renders an alert: the rule itself and the Diadoc source.
+# Everything that renders an alert: the rule itself, the Diadoc source and scaled mode.
 VALUES = {
     "metrics": {"prometheusRule": {"enabled": True}},
+    "secrets": {"stateUrl": "postgresql://bridge:secret@db:5432/bridge"},
     "diadoc": {"enabled": True, "boxes": ["b1@diadoc.ru"], "clientId": "cid"},
 }
 

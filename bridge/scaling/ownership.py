@@ -79,6 +79,7 @@ class Ownership:
         self._watcher: asyncio.Task[None] | None = None
         self._failures_seen = 0
         self.forwarded = 0
+        metrics.shards.set(settings.shards)
         metrics.shards_held.set_function(lambda: len(self.leases.owned()))
 
     # -- lifecycle -------------------------------------------------------------------------
