@@ -33,6 +33,10 @@ from bridge.state.pg_schema import describe, migrate
 
 log = logging.getLogger(__name__)
 
+# How long a shard being handed over waits for its owner to finish the page in flight (the
+# leases are renewed meanwhile); below the service's 20 s shutdown bound.
+HANDOVER_WITHIN = 15.0
+
 ShardEvent = Callable[[int, int], Awaitable[None]]  # (shard, epoch)
 
 
@@ -52,6 +56,7 @@ class LeaseManager:
         ttl: float = 10.0,
         renew_every: float = 2.0,
         op_timeout: float | None = None,
+        handover_within: float = HANDOVER_WITHIN,
         on_gained: ShardEvent | None = None,
         on_lost: ShardEvent | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -60,6 +65,7 @@ class LeaseManager:
             raise ConfigError("leases need shards ≥ 1, 0 < renew_every < ttl and a replica id")
         self.replica_id = replica_id
         self.shards, self.ttl, self.renew_every = shards, ttl, renew_every
+        self.handover_within = handover_within
         self._link = PgLink(url, op_timeout or max(renew_every, ttl / 3))
         self._clock = clock
         self._on_gained, self._on_lost = on_gained, on_lost
@@ -238,13 +244,15 @@ class LeaseManager:
         self._leaving |= shards
         epochs = {s: self._held[s].epoch for s in shards}
         if self._on_lost is not None:
-            # The owner finishes its page in flight; past the deadline the fence stops it anyway.
-            left = max(0.01, max(self._held[s].deadline for s in epochs) - self._clock())
+            # The owner finishes its page in flight while the rounds go on renewing these
+            # leases; if the renewals fail, the fence stops it at the deadline anyway.
             calls = [self._on_lost(s, e) for s, e in epochs.items()]
             try:
-                done = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), left)
+                done = await asyncio.wait_for(
+                    asyncio.gather(*calls, return_exceptions=True), self.handover_within
+                )
             except TimeoutError:
-                done = [TimeoutError("the owner did not finish before the deadline")]
+                done = [TimeoutError("the owner did not finish its page within the bound")]
             for error in (d for d in done if isinstance(d, BaseException)):
                 log.warning("shard hand-over callback failed", extra={"reason": repr(error)})
         async with self._io:

@@ -30,7 +30,7 @@ from bridge.state.pg import PgState
 
 log = logging.getLogger(__name__)
 
-STOP_MARGIN = 0.25  # seconds of a lease left unused when a shard is handed over
+STOP_MARGIN = 0.25  # seconds a lapsed shard's drainers get to stop (the fence holds them anyway)
 
 
 class Sharded(Protocol):
@@ -148,10 +148,12 @@ class Ownership:
 
     async def _lost(self, shard: int, epoch: int) -> None:
         async with self._lock(shard):
-            deadline = self.leases.deadline(shard)
-            left = 0.0 if deadline is None else deadline - self._clock() - STOP_MARGIN
+            # Still held: a hand-over, renewed while the owner finishes its page in flight
+            # (the fence stops it at the deadline if the renewals fail). Lapsed: stop now.
+            held = self.leases.deadline(shard) is not None
+            grace = self.leases.handover_within if held else STOP_MARGIN
             for group in self.groups:
-                await group.lose(shard, epoch, max(0.1, left))
+                await group.lose(shard, epoch, grace)
 
     # -- wake-ups --------------------------------------------------------------------------
 
