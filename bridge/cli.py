@@ -94,6 +94,13 @@ COMMANDS: dict[str, tuple[str, str, tuple[str, ...]]] = {
         (),
     ),
 }
+# In scaled mode (BRIDGE_STATE_URL) the serving replicas own the portals' shards and tokens.
+SCALED_REFUSALS = {
+    "drain": "'drain' drains alone, and in scaled mode (BRIDGE_STATE_URL) the serving replicas "
+    "hold the portals' leases: run 'serve' replicas instead",
+    "backup": "'backup' copies the SQLite state file; in scaled mode (BRIDGE_STATE_URL) back "
+    "up the PostgreSQL database with pg_dump",
+}
 # These two have parsers of their own (bridge.emulators.bitrix24.cli, bridge.demo).
 OWN_PARSERS = ("emulator", "demo")
 
@@ -153,13 +160,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_settings()
         logs.configure(settings.log_level, settings.log_format)
-        if settings.state_url is not None and args.command != "asyncapi":
-            # The commands still keep their state in the file: refuse, rather than let several
-            # replicas each drain (and refresh tokens from) a state file of their own.
-            raise ConfigError(
-                "BRIDGE_STATE_URL (scaled mode) is not served by this release; "
-                "unset it to keep the state in BRIDGE_STATE_PATH"
-            )
+        if settings.state_url is not None and args.command in SCALED_REFUSALS:
+            raise ConfigError(SCALED_REFUSALS[args.command])
         if args.command == "serve":
             return _run(_serve(settings))
         if args.command == "drain":
@@ -350,6 +352,10 @@ async def _bind(settings: Settings) -> int:
     from bridge.bitrix24.tools import bind_all
 
     results = await bind_all(settings)
+    if settings.state_url is not None:
+        for domain in results:
+            print(f"{domain}: handed to the serving replicas")
+        return 0
     for domain, bound in results.items():
         print(
             f"{domain}: {'bound ' + ', '.join(bound) if bound else 'all bindings already present'}"

@@ -127,6 +127,16 @@ class Metrics:
             registry=r,
         )
 
+        # Scaled mode (BRIDGE_STATE_URL); 0 otherwise.
+        self.shards_held = Gauge(
+            PREFIX + "shards_held", "Shards whose lease this replica holds", registry=r
+        )
+        self.lease_renew_failures = Counter(
+            PREFIX + "lease_renew_failures_total",
+            "Lease rounds that could not reach the state database",
+            registry=r,
+        )
+
     def add_portal(self, portal: str) -> None:
         """A portal's series, at 0 from the start (see the counters above)."""
         for outcome in ("ok", "failed", "stopped"):

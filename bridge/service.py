@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from typing import TYPE_CHECKING
 
 import httpx
 
@@ -19,12 +20,17 @@ from bridge.amqp.publisher import AmqpPublisher
 from bridge.bitrix24.oauth import OAuthClient
 from bridge.bitrix24.portals import HTTP_TIMEOUT, SHUTDOWN_BOUND, Portals, PortalSession
 from bridge.core.drainer import Drainer
+from bridge.core.errors import ConfigError
 from bridge.core.group import SourceGroup
 from bridge.diadoc.settings import DiadocSettings
 from bridge.metrics import Metrics
 from bridge.settings import Settings
-from bridge.state import State
 from bridge.state.lock import StateLock
+from bridge.state.open import StateStore, open_state
+
+if TYPE_CHECKING:
+    from bridge.scaling.ownership import Ownership
+    from bridge.state.pg import PgState
 
 __all__ = ["SHUTDOWN_BOUND", "STUCK_AFTER", "PortalSession", "Service"]
 
@@ -66,7 +72,8 @@ class Service:
             on_failure=lambda reason: self.metrics.publish_failures.labels(reason=reason).inc(),
             on_connection_change=lambda up: self.metrics.broker_connected.set(1 if up else 0),
         )
-        self.state: State | None = None
+        self.state: StateStore | None = None
+        self.ownership: Ownership | None = None  # scaled mode (BRIDGE_STATE_URL)
         self.lock = StateLock(settings.state_path)
         self._bitrix24: Portals | None = None
         self.groups: list[SourceGroup] = []
@@ -79,22 +86,34 @@ class Service:
     async def open(self, purpose: str = "serve") -> None:
         """State, broker and known portals; raises BridgeError with a one-line reason."""
         self.settings.warn_plain_http()
-        if self.settings.state_path != ":memory:":
+        scaled = self.settings.state_url is not None
+        if scaled and self.diadoc is not None and self.diadoc.enabled:
+            raise ConfigError(
+                "Diadoc boxes are not drained in scaled mode (BRIDGE_STATE_URL) yet: "
+                "run them on a replica of their own with a state file"
+            )
+        if not scaled and self.settings.state_path != ":memory:":
             # One process drains a state file and refreshes its tokens (they rotate).
             self.lock.acquire(purpose)
-        self.state = await State.open(self.settings.state_path, self.settings.state_keys)
+        self.state = await open_state(self.settings)
         await self.publisher.start()
         self.metrics.broker_connected.set(1 if self.publisher.connected else 0)
-        state, publisher, metrics, http = self.state, self.publisher, self.metrics, self.http
-        self._bitrix24 = Portals(
-            self.settings,
-            state=state,
-            publisher=publisher,
-            metrics=metrics,
-            http=http,
-            oauth=self.oauth,
-        )
+        if scaled:
+            from bridge.state.pg import PgState
+
+            assert isinstance(self.state, PgState)
+            self._bitrix24 = self._scaled(self.state)
+        else:
+            self._bitrix24 = Portals(
+                self.settings,
+                state=self.state,
+                publisher=self.publisher,
+                metrics=self.metrics,
+                http=self.http,
+                oauth=self.oauth,
+            )
         self.groups = [self._bitrix24]
+        state, publisher, metrics, http = self.state, self.publisher, self.metrics, self.http
         if self.diadoc is not None and self.diadoc.enabled:
             from bridge.diadoc.wiring import DiadocFeeds
 
@@ -105,6 +124,25 @@ class Service:
         for group in self.groups:
             await group.open()
         self.opened = True
+
+    def _scaled(self, state: PgState) -> Portals:
+        """Scaled mode: the portals drained where their shard's lease is held."""
+        from bridge.bitrix24.sharded import ShardedPortals
+        from bridge.scaling.ownership import Ownership
+
+        self.ownership = Ownership(self.settings, state, self.metrics)
+        portals = ShardedPortals(
+            self.settings,
+            state=state,
+            publisher=self.publisher,
+            metrics=self.metrics,
+            http=self.http,
+            oauth=self.oauth,
+            replica_id=self.ownership.replica_id,
+            forward=self.ownership.forward,
+        )
+        self.ownership.groups = [portals]
+        return portals
 
     @property
     def bitrix24(self) -> Portals:
@@ -125,6 +163,8 @@ class Service:
             self._bitrix24.running = True
         for drainer in self.drainers():
             drainer.start()
+        if self.ownership is not None:
+            await self.ownership.start()  # drainers start as their shards are gained
         if self.settings.poll_interval > 0:
             self._poller = asyncio.create_task(self._poll(), name="poll")
 
@@ -144,6 +184,10 @@ class Service:
         if self._poller is not None:
             self._poller.cancel()
         deadline = time.monotonic() + grace
+        if self.ownership is not None:
+            # Each shard handed over after its page in flight; the drainers are stopped then.
+            with contextlib.suppress(Exception):
+                await self.ownership.stop()
         if self._bitrix24 is not None:
             self._bitrix24.closing = True  # no install starts a drainer any more
         drainers = self.drainers()
@@ -162,7 +206,7 @@ class Service:
     def liveness(self) -> str | None:
         now = time.monotonic()
         for d in self.drainers():
-            if not d.alive and not self.closing:
+            if not d.alive and not self.closing and not d.released:
                 return f"drain loop of {d.source.name} is not running"
             # A long pass that keeps moving pages is alive: only a pass without any progress
             # (no answer, no confirm, no planned wait) for STUCK_AFTER seconds is stuck.
@@ -191,6 +235,8 @@ class Service:
             return problem
         if self.state is not None and self.state.write_failure:
             return self.state.write_failure
+        if self.ownership is not None and (problem := self.ownership.problem()):
+            return problem
         # A stopped portal is reported (/readyz detail, metrics, status), never a reason to be
         # unready: this process can still take notifications and publish for the others.
         return None

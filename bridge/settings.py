@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
+import re
+import socket
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
@@ -58,6 +61,7 @@ class Settings(BaseSettings):
     shards: int = Field(64, ge=1, le=100_000)
     lease_ttl: float = Field(10, gt=0)
     lease_renew: float = Field(2, gt=0)
+    replica_id: str = Field("", max_length=100)  # empty: host name and process id
 
     client_id: str | None = None
     client_secret: SecretStr | None = None
@@ -138,6 +142,14 @@ class Settings(BaseSettings):
             raise ValueError("must be a postgresql:// URL")
         return value
 
+    @field_validator("replica_id")
+    @classmethod
+    def _replica(cls, value: str) -> str:
+        # It travels in a request header (X-Bridge-Replica) and in the lease rows.
+        if not re.fullmatch(r"[A-Za-z0-9._:-]*", value):
+            raise ValueError("use letters, digits and . _ : - only")
+        return value
+
     @field_validator("exchange_template", "routing_key_template")
     @classmethod
     def _template(cls, value: str) -> str:
@@ -180,6 +192,11 @@ class Settings(BaseSettings):
         return self
 
     # -- derived values ---------------------------------------------------------------
+
+    @property
+    def replica_name(self) -> str:
+        """This process among the replicas: ``BRIDGE_REPLICA_ID``, or host name and pid."""
+        return self.replica_id or f"{socket.gethostname()}-{os.getpid()}"
 
     @property
     def state_keys(self) -> list[bytes]:

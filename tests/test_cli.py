@@ -182,16 +182,18 @@ def test_a_handler_url_a_portal_would_refuse_is_one_line_and_exit_2(
     assert "no dot" in proc.stderr
 
 
-@pytest.mark.parametrize("command", ["serve", "drain", "status"])
-def test_a_state_url_is_refused_while_commands_keep_their_state_in_the_file(
-    command: str, tmp_path: Path
+@pytest.mark.parametrize(("command", "hint"), [("drain", "serve"), ("backup", "pg_dump")])
+def test_scaled_mode_refuses_the_commands_of_one_replica(
+    command: str, hint: str, tmp_path: Path
 ) -> None:
     url = "postgresql://bridge:hunter2@127.0.0.1:5432/bridge"
     state = tmp_path / "s.sqlite3"
-    proc = run({"BRIDGE_STATE_URL": url, "BRIDGE_STATE_PATH": str(state)}, command)
+    args = [command, str(tmp_path / "copy")] if command == "backup" else [command]
+    proc = run({"BRIDGE_STATE_URL": url, "BRIDGE_STATE_PATH": str(state)}, *args)
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1
     assert "BRIDGE_STATE_URL" in lines[0]
+    assert hint in lines[0]
     assert "hunter2" not in proc.stderr + proc.stdout
     assert not state.exists()

@@ -8,12 +8,13 @@ from urllib.parse import urlsplit
 from bridge.bitrix24.oauth import Grant, OAuthClient
 from bridge.core.errors import ConfigError, TokenError, UpstreamError
 from bridge.settings import Settings
-from bridge.state import ACTIVE, Portal, State
+from bridge.state import ACTIVE, Portal
+from bridge.state.open import StateStore
 
 log = logging.getLogger(__name__)
 
 
-async def store_grant(state: State, grant: Grant, application_token: str) -> Portal:
+async def store_grant(state: StateStore, grant: Grant, application_token: str) -> Portal:
     portal = Portal(
         member_id=grant.member_id,
         domain=grant.domain,
@@ -29,7 +30,7 @@ async def store_grant(state: State, grant: Grant, application_token: str) -> Por
     return portal
 
 
-async def bootstrap(settings: Settings, state: State, oauth: OAuthClient) -> Portal | None:
+async def bootstrap(settings: Settings, state: StateStore, oauth: OAuthClient) -> Portal | None:
     """Register the portal of ``BRIDGE_PORTAL_URL`` unless the state file already knows it.
 
     Stored state wins: refresh tokens rotate, so the bootstrap token is dead after first use.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -46,7 +47,9 @@ class OAuthClient:
         self._client_id = client_id
         self._client_secret = client_secret
 
-    async def refresh(self, refresh_token: str) -> Grant:
+    async def refresh(
+        self, refresh_token: str, *, headers: Mapping[str, str] | None = None
+    ) -> Grant:
         params = {
             "grant_type": "refresh_token",
             "client_id": self._client_id,
@@ -54,7 +57,7 @@ class OAuthClient:
             "refresh_token": refresh_token,
         }
         try:
-            response = await self._http.get(self._url, params=params)
+            response = await self._http.get(self._url, params=params, headers=headers)
         except httpx.HTTPError as exc:
             # Never format the request: its URL carries the secret and the token.
             raise TransientError("oauth_unreachable", type(exc).__name__, method="oauth") from None

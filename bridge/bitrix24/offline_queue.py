@@ -29,7 +29,8 @@ from bridge.bitrix24.upstream import PortalClient
 from bridge.core.errors import NotConfirmed, StateError, UpstreamError
 from bridge.core.source import PassReport
 from bridge.metrics import Metrics
-from bridge.state import JournalEntry, State
+from bridge.state import JournalEntry
+from bridge.state.open import StateStore
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ class OfflineQueue:
         self,
         client: PortalClient,
         *,
-        state: State,
+        state: StateStore,
         publisher: Publisher,
         routing: Routing,
         metrics: Metrics,

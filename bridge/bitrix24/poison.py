@@ -19,7 +19,7 @@ from typing import Any
 
 from bridge.bitrix24.upstream import PortalClient
 from bridge.metrics import Metrics
-from bridge.state import State
+from bridge.state.open import StateStore
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ class PoisonGuard:
         self,
         client: PortalClient,
         *,
-        state: State,
+        state: StateStore,
         metrics: Metrics,
         connector: str,
         attempts: int,

@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import httpx
 from aiolimiter import AsyncLimiter
@@ -26,15 +27,26 @@ from bridge.core.drainer import Drainer
 from bridge.core.errors import BridgeError, TokenError, TransientError
 from bridge.metrics import Metrics
 from bridge.settings import Settings
-from bridge.state import Portal, State
+from bridge.state import Portal
+from bridge.state.open import StateStore
 
 log = logging.getLogger(__name__)
 
 SHUTDOWN_BOUND = 20.0
 HTTP_TIMEOUT = 65.0  # a request may run 60 s on the portal
 REPLAY = "replay"  # a request, left in the state file by `parked --replay`, for this process
+BIND = "bind"  # a request to bind a portal's events, left by the replica that installed it
 INSTALL_RATE, INSTALL_BURST = 1.0, 10  # install attempts per second, and in a burst
 _DUMMY_TOKEN = "0" * 32
+
+
+@dataclass(frozen=True, slots=True)
+class Wiring:
+    """What a portal's session writes to and publishes with, and how its client is bound."""
+
+    state: StateStore
+    publisher: Publisher
+    client: dict[str, Any] = field(default_factory=dict)  # PortalClient options
 
 
 @dataclass(slots=True)
@@ -55,7 +67,7 @@ class Portals:
         self,
         settings: Settings,
         *,
-        state: State,
+        state: StateStore,
         publisher: Publisher,
         metrics: Metrics,
         http: httpx.AsyncClient,
@@ -112,8 +124,12 @@ class Portals:
 
     # -- portals -------------------------------------------------------------------------
 
+    def _wiring(self, portal: Portal) -> Wiring:
+        return Wiring(self.state, self.publisher)
+
     def _session(self, portal: Portal) -> PortalSession:
-        state = self.state
+        wiring = self._wiring(portal)
+        state = wiring.state
         client = PortalClient(
             portal,
             http=self.http,
@@ -124,6 +140,7 @@ class Portals:
             rate_limit=self.settings.rate_limit,
             rate_burst=self.settings.rate_burst,
             pacer=Pacer(limit=self.settings.operating_limit),
+            **wiring.client,
         )
         routing = Routing(
             exchange_template=self.settings.exchange_template,
@@ -135,7 +152,7 @@ class Portals:
         queue = OfflineQueue(
             client,
             state=state,
-            publisher=self.publisher,
+            publisher=wiring.publisher,
             routing=routing,
             metrics=self.metrics,
             page_size=self.settings.page_size,
@@ -161,17 +178,60 @@ class Portals:
             f"health {member_id}",
         )
 
-    def authenticate(self, member_id: str, application_token: str) -> PortalSession | None:
-        """Constant-time check of a notification's credentials against the stored portal."""
+    def _stored(self, member_id: str) -> Portal | None:
+        """The portal a notification is checked against."""
         session = self.sessions.get(member_id)
-        expected = session.portal.application_token if session is not None else _DUMMY_TOKEN
+        return None if session is None else session.portal
+
+    def verify(self, member_id: str, application_token: str) -> Portal | None:
+        """Constant-time check of a notification's credentials against the stored portal."""
+        portal = self._stored(member_id)
+        expected = portal.application_token if portal is not None else _DUMMY_TOKEN
         token_ok = hmac.compare_digest(application_token.encode(), expected.encode())
-        member_ok = session is not None and hmac.compare_digest(
-            member_id.encode(), session.portal.member_id.encode()
+        member_ok = portal is not None and hmac.compare_digest(
+            member_id.encode(), portal.member_id.encode()
         )
-        if session is None or not (token_ok and member_ok) or not session.portal.active:
+        if portal is None or not (token_ok and member_ok) or not portal.active:
             return None
-        return session
+        return portal
+
+    def authenticate(self, member_id: str, application_token: str) -> PortalSession | None:
+        """The session of the portal a notification authenticates as (None: refused)."""
+        if self.verify(member_id, application_token) is None:
+            return None
+        return self.sessions.get(member_id)
+
+    def wake(self, member_id: str, application_token: str, ts: float | None) -> bool:
+        """An ``ONOFFLINEEVENT``: wake the portal's drainer; False when not authenticated."""
+        if self.verify(member_id, application_token) is None:
+            return False
+        session = self.sessions.get(member_id)
+        if session is not None:
+            session.drainer.notify(ts)
+        else:
+            self._wake_elsewhere(member_id, ts)
+        return True
+
+    def _wake_elsewhere(self, member_id: str, ts: float | None) -> None:
+        """A portal drained by another process (scaled mode only)."""
+
+    async def remove(self, member_id: str, application_token: str) -> bool:
+        """An ``ONAPPUNINSTALL``; False when not authenticated."""
+        if self.verify(member_id, application_token) is None:
+            return False
+        session = self.sessions.get(member_id)
+        if session is not None:
+            await self.uninstall(session)
+        else:
+            await self._uninstall_elsewhere(member_id)
+        return True
+
+    async def _uninstall_elsewhere(self, member_id: str) -> None:
+        """A portal drained by another process (scaled mode only)."""
+
+    def _local(self, member_id: str) -> bool:
+        """Whether this process drains the portal (always, but in scaled mode)."""
+        return True
 
     async def install(self, member_id: str, refresh_token: str, application_token: str) -> Portal:
         """Register a portal after proving the install genuine with the OAuth server."""
@@ -192,6 +252,13 @@ class Portals:
         async with lock:
             await self._retire(grant.member_id)
             portal = await store_grant(self.state, grant, application_token)
+            if not self._local(portal.member_id):
+                await self._installed_elsewhere(portal)
+                log.info(
+                    "portal installed; drained by another replica",
+                    extra={"portal": portal.domain, "member_id": portal.member_id},
+                )
+                return portal
             session = self._session(portal)
             await self.state.set_health(portal.member_id, stop_reason="", binding_error="")
             if self.settings.events or self.settings.public_url:
@@ -203,7 +270,10 @@ class Portals:
         log.info("portal installed", extra={"portal": portal.domain, "member_id": portal.member_id})
         return portal
 
-    async def _retire(self, member_id: str) -> None:
+    async def _installed_elsewhere(self, portal: Portal) -> None:
+        """A portal another process drains was installed here (scaled mode only)."""
+
+    async def _retire(self, member_id: str, grace: float = SHUTDOWN_BOUND) -> None:
         """Stop a portal's session and everything it runs in the background."""
         old = self.sessions.pop(member_id, None)
         tasks = list(self._portal_tasks.pop(member_id, ()))
@@ -211,7 +281,7 @@ class Portals:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         if old is not None:
-            await old.drainer.stop(SHUTDOWN_BOUND)
+            await old.drainer.stop(grace)
             await old.client.aclose()
 
     async def _bind(self, session: PortalSession) -> None:
@@ -254,20 +324,34 @@ class Portals:
             if session.drainer.stopped is None:
                 self._spawn(self._observe(session), f"observe {session.portal.domain}")
 
+    REQUESTS: tuple[str, ...] = (REPLAY,)
+
     async def _take_requests(self) -> None:
-        try:
-            wanted = await self.state.take_requests(REPLAY)
-        except BridgeError as exc:
-            log.warning("requests in the state file unreadable", extra={"reason": str(exc)})
-            return
-        for member_id in wanted:
-            session = self.sessions.get(member_id)
-            if session is None:
-                continue
-            session.queue.replay_requested = True
-            log.info("replay of parked events requested", extra={"portal": session.portal.domain})
-            session.drainer.resume()
-            session.drainer.notify(None)
+        for kind in self.REQUESTS:
+            try:
+                wanted = await self.state.take_requests(kind)
+            except BridgeError as exc:
+                log.warning("requests in the state file unreadable", extra={"reason": str(exc)})
+                return
+            for member_id in wanted:
+                session = self.sessions.get(member_id)
+                if session is None:
+                    await self._requested_elsewhere(member_id, kind)
+                elif kind == BIND:
+                    self._spawn(
+                        self._bind(session), f"bind {session.portal.domain}", member_id=member_id
+                    )
+                else:
+                    session.queue.replay_requested = True
+                    log.info(
+                        "replay of parked events requested",
+                        extra={"portal": session.portal.domain},
+                    )
+                    session.drainer.resume()
+                    session.drainer.notify(None)
+
+    async def _requested_elsewhere(self, member_id: str, kind: str) -> None:
+        """A request for a portal this process does not drain (kept for its owner when scaled)."""
 
     async def _look_for_new_token(self, session: PortalSession) -> None:
         """A portal stopped for its token comes back when the state file holds a newer one."""

@@ -18,14 +18,15 @@ import httpx
 from bridge.bitrix24.binding import bind_portal
 from bridge.bitrix24.bootstrap import bootstrap
 from bridge.bitrix24.oauth import OAuthClient
+from bridge.bitrix24.portals import BIND, REPLAY
 from bridge.bitrix24.upstream import PortalClient
 from bridge.core.errors import BridgeError, ConfigError
 from bridge.diadoc.settings import DiadocSettings
 from bridge.diadoc.wiring import diadoc_status
 from bridge.metrics import Metrics
 from bridge.settings import Settings
-from bridge.state import State
 from bridge.state.lock import StateLock
+from bridge.state.open import StateStore, open_state
 
 PARKED_SHOWN = 500
 PARKED_FIELDS = ("ID", "TIMESTAMP_X", "EVENT_NAME", "MESSAGE_ID", "PROCESS_ID", "EVENT_DATA")
@@ -34,13 +35,13 @@ PARKED_FIELDS = ("ID", "TIMESTAMP_X", "EVENT_NAME", "MESSAGE_ID", "PROCESS_ID", 
 @asynccontextmanager
 async def _clients(
     settings: Settings, *, refresh: bool, purpose: str = ""
-) -> AsyncIterator[tuple[State, list[PortalClient]]]:
+) -> AsyncIterator[tuple[StateStore, list[PortalClient]]]:
     """Clients of every active portal; with ``refresh``, under the state file's lock."""
     lock = StateLock(settings.state_path)
     if refresh:
         lock.acquire(purpose)
     try:
-        state = await State.open(settings.state_path, settings.state_keys)
+        state = await open_state(settings)
     except BaseException:
         lock.release()
         raise
@@ -81,7 +82,7 @@ async def _clients(
 async def portal_status(
     settings: Settings, *, ask_upstream: bool, diadoc: DiadocSettings | None = None
 ) -> dict[str, Any]:
-    state = await State.open(settings.state_path, settings.state_keys)
+    state = await open_state(settings)
     try:
         portals = await state.portals(include_inactive=True)
         journal = await state.journal_all()
@@ -129,6 +130,8 @@ async def portal_status(
 async def bind_all(settings: Settings) -> dict[str, list[str]]:
     if not settings.events and not settings.public_url:
         raise ConfigError("nothing to bind: set BRIDGE_EVENTS and/or BRIDGE_PUBLIC_URL")
+    if settings.state_url is not None:
+        return {domain: [] for domain in await _hand_over(settings, BIND)}
     results: dict[str, list[str]] = {}
     async with _clients(settings, refresh=True, purpose="bind") as (state, clients):
         if not clients:
@@ -188,18 +191,14 @@ async def parked_events(settings: Settings) -> dict[str, Any]:
 async def request_replay(settings: Settings) -> dict[str, str]:
     """Drain parked events again: here when no process holds the state file, otherwise by
     asking the serving process (it picks the request up at its next poll tick)."""
+    if settings.state_url is not None:
+        # Scaled mode: the replica draining each portal takes the request.
+        return {d: "handed to the serving replicas" for d in await _hand_over(settings, REPLAY)}
     lock = StateLock(settings.state_path)
     try:
         lock.acquire("parked --replay")
     except ConfigError:
-        state = await State.open(settings.state_path, settings.state_keys)
-        try:
-            portals = await state.portals()
-            for portal in portals:
-                await state.request(portal.member_id, "replay")
-        finally:
-            await state.close()
-        return {p.domain: "handed to the serving process" for p in portals}
+        return {d: "handed to the serving process" for d in await _hand_over(settings, REPLAY)}
     lock.release()
     from bridge.service import Service
 
@@ -218,3 +217,15 @@ async def request_replay(settings: Settings) -> dict[str, str]:
     finally:
         await service.close()
     return results
+
+
+async def _hand_over(settings: Settings, kind: str) -> list[str]:
+    """Leave a request of ``kind`` for every active portal to the serving process(es)."""
+    state = await open_state(settings)
+    try:
+        portals = await state.portals()
+        for portal in portals:
+            await state.request(portal.member_id, kind)
+    finally:
+        await state.close()
+    return [p.domain for p in portals]

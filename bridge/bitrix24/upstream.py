@@ -117,6 +117,10 @@ def error_for(code: str, description: str, method: str) -> UpstreamError:
 
 SaveTokens = Callable[[Portal], Awaitable[None]]
 LoadPortal = Callable[[str], Awaitable[Portal | None]]
+Exchange = Callable[[Portal], Awaitable[Portal]]
+# (member_id, failed access token, exchange) -> (the portal's tokens now, whether we exchanged):
+# a refresh several replicas share, run under the stored row's lock (PgState.refresh_portal).
+SharedRefresh = Callable[[str, str, Exchange], Awaitable[tuple[Portal, bool]]]
 
 
 class PortalClient:
@@ -141,8 +145,17 @@ class PortalClient:
         refresh: bool = True,
         max_rate_retries: int = 6,
         max_fault_retries: int = 3,
+        guard: Callable[[], None] | None = None,
+        headers: Mapping[str, str] | None = None,
+        shared_refresh: SharedRefresh | None = None,
     ) -> None:
         self.portal = portal
+        # Scaled mode: ``guard`` raises LeaseLost once this replica may no longer act for the
+        # portal (checked before every request, OAuth included); ``headers`` name the replica
+        # and its shard epoch on every request.
+        self._guard = guard
+        self._headers = dict(headers or {})
+        self._shared_refresh = shared_refresh
         self._http = http
         self._oauth = oauth
         self._save = save
@@ -325,10 +338,14 @@ class PortalClient:
         self, method: str, params: dict[str, Any], token: str, *, idempotent: bool
     ) -> dict[str, Any]:
         await self.limiter.acquire()
+        if self._guard is not None:
+            self._guard()
         self.requests += 1
         url = f"{self.portal.client_endpoint}{method}.json"
         try:
-            response = await self._http.post(url, json={**params, "auth": token})
+            response = await self._http.post(
+                url, json={**params, "auth": token}, headers=self._headers or None
+            )
         except httpx.TimeoutException:
             raise OutcomeUnknown("TIMEOUT", "no answer in time", method=method) from None
         except httpx.HTTPError as exc:
@@ -380,6 +397,10 @@ class PortalClient:
 
     async def _exchange(self) -> bool:
         """Answers True when a token rotated elsewhere was adopted instead."""
+        if self._shared_refresh is not None:
+            return await self._exchange_shared(self._shared_refresh)
+        if self._guard is not None:
+            self._guard()
         try:
             grant = await self._oauth.refresh(self.portal.refresh_token)
         except TokenError:
@@ -408,6 +429,40 @@ class PortalClient:
         self._metrics.token_refreshes.labels(outcome="ok").inc()
         log.info("access token refreshed", extra={"portal": self.portal.domain})
         return False
+
+    async def _exchange_shared(self, shared: SharedRefresh) -> bool:
+        """The refresh of several replicas: under the stored row's lock, presenting the stored
+        refresh token only if nobody refreshed since ``self.portal``'s access token failed."""
+        exchanged: list[Portal] = []
+
+        async def exchange(stored: Portal) -> Portal:
+            if self._guard is not None:
+                self._guard()
+            grant = await self._oauth.refresh(stored.refresh_token, headers=self._headers or None)
+            if grant.member_id != stored.member_id:
+                raise TokenError(
+                    "member_mismatch", "the OAuth answer names another portal", method="oauth"
+                )
+            fresh = stored.with_tokens(grant.access_token, grant.refresh_token, grant.expires_at)
+            exchanged.append(fresh)
+            return fresh
+
+        try:
+            portal, did_exchange = await shared(
+                self.portal.member_id, self.portal.access_token, exchange
+            )
+        except StateError:
+            if exchanged:  # the old pair is dead: keep the new one and save it before any use
+                self.portal, self._unsaved = replace(self.portal, **_tokens_of(exchanged[0])), True
+            raise
+        except UpstreamError:
+            self._metrics.token_refreshes.labels(outcome="failed").inc()
+            raise
+        self.portal = replace(self.portal, **_tokens_of(portal))
+        outcome = "ok" if did_exchange else "adopted"
+        self._metrics.token_refreshes.labels(outcome=outcome).inc()
+        log.info("access token refreshed", extra={"portal": self.portal.domain, "by": outcome})
+        return not did_exchange
 
     async def _adopt_stored(self) -> bool:
         """The OAuth server refused our refresh token: has another process rotated it?"""

@@ -149,13 +149,14 @@ async def handle(request: Request, service: Service) -> Response:
         auth = _auth(data)
         member_id = _text(auth, "member_id")
         if event in ("ONOFFLINEEVENT", "ONAPPUNINSTALL"):
-            session = service.bitrix24.authenticate(member_id, _text(auth, "application_token"))
-            if session is None:
-                raise Refused(401, "unauthorized", "unauthorized")
+            token = _text(auth, "application_token")
             if event == "ONOFFLINEEVENT":
-                session.drainer.notify(_ts(data))
+                # The owner's drainer wakes (in scaled mode perhaps on another replica).
+                known = service.bitrix24.wake(member_id, token, _ts(data))
             else:
-                await service.bitrix24.uninstall(session)
+                known = await service.bitrix24.remove(member_id, token)
+            if not known:
+                raise Refused(401, "unauthorized", "unauthorized")
         elif event == "ONAPPINSTALL":
             refresh = _text(auth, "refresh_token")
             app_token = _text(auth, "application_token")

@@ -16,7 +16,7 @@ import math
 import time
 from collections.abc import Callable
 
-from bridge.core.errors import PortalStopped, TokenError
+from bridge.core.errors import LeaseLost, PortalStopped, TokenError
 from bridge.core.retry import backoff
 from bridge.core.source import Source
 from bridge.metrics import Metrics
@@ -57,6 +57,7 @@ class Drainer:
         self.on_stop: Callable[[str | None], None] | None = None  # stopped (reason) / resumed
         self.last_error: str | None = None
         self.in_pass = False
+        self.released = False  # the source's shard went to another replica: the loop ended
         self.beat = time.monotonic()
         self.idle = asyncio.Event()  # set while no pass is due or running
 
@@ -228,6 +229,12 @@ class Drainer:
                     "recheck_in_s": recheck,
                 },
             )
+            return False
+        except LeaseLost as exc:
+            # Another replica may drain this source now: stop quietly, write nothing more.
+            self.released, self._closing = True, True
+            self._metrics.drain_passes.labels(portal=name, outcome="fenced").inc()
+            log.info("drain pass fenced off", extra={"portal": name, "reason": str(exc)})
             return False
         except asyncio.CancelledError:
             raise

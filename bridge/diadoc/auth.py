@@ -22,7 +22,7 @@ import httpx
 
 from bridge.core.errors import StateError, TokenError, TransientError, UpstreamError
 from bridge.diadoc.metrics import DiadocMetrics
-from bridge.state import State
+from bridge.state.open import StateStore
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class DiadocAuth:
         client_id: str,
         client_secret: str,
         bootstrap_refresh_token: str | None,
-        state: State,
+        state: StateStore,
         metrics: DiadocMetrics,
         timeout: float = 30.0,
     ) -> None:

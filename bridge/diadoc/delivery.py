@@ -17,7 +17,7 @@ from bridge.core.source import PassReport
 from bridge.diadoc.cursor import Page
 from bridge.diadoc.messages import DocflowEvent, Reject, to_message
 from bridge.diadoc.metrics import DiadocMetrics
-from bridge.state import State
+from bridge.state.open import StateStore
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ class Delivery:
         self,
         box_id: str,
         *,
-        state: State,
+        state: StateStore,
         publisher: Publisher,
         metrics: DiadocMetrics,
         exchange: str,

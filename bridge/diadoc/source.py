@@ -27,7 +27,7 @@ from bridge.diadoc.delivery import SOURCE, Delivery
 from bridge.diadoc.metrics import DiadocMetrics
 from bridge.diadoc.rescan import rescan
 from bridge.diadoc.ticks import TICKS_PER_SECOND, timestamp, to_ticks, to_unix
-from bridge.state import State
+from bridge.state.open import StateStore
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class DocflowFeed:
         box_id: str,
         *,
         client: DiadocClient,
-        state: State,
+        state: StateStore,
         publisher: Publisher,
         metrics: DiadocMetrics,
         options: FeedOptions,

@@ -22,7 +22,7 @@ from bridge.diadoc.settings import DiadocSettings
 from bridge.diadoc.source import DocflowFeed, FeedOptions
 from bridge.diadoc.ticks import to_unix
 from bridge.metrics import Metrics
-from bridge.state import State
+from bridge.state.open import StateStore
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def options_of(settings: DiadocSettings) -> FeedOptions:
 def diadoc_drainers(
     settings: DiadocSettings,
     *,
-    state: State,
+    state: StateStore,
     publisher: Publisher,
     metrics: Metrics,
     http: httpx.AsyncClient,
@@ -137,7 +137,7 @@ class DiadocFeeds:
         self,
         settings: DiadocSettings,
         *,
-        state: State,
+        state: StateStore,
         publisher: Publisher,
         metrics: Metrics,
         http: httpx.AsyncClient,
@@ -180,7 +180,7 @@ class DiadocFeeds:
         return None  # the drainers' stop settles the token renewal
 
 
-async def diadoc_status(settings: DiadocSettings, state: State) -> list[dict[str, Any]]:
+async def diadoc_status(settings: DiadocSettings, state: StateStore) -> list[dict[str, Any]]:
     """Per box: where its cursor stands and how far behind the feed it is (state only)."""
     now = time.time()
     parked = [r.key for r in await state.parked(SOURCE)]

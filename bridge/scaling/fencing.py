@@ -5,16 +5,18 @@ manager still holds that shard at that epoch and its local deadline (last succes
 TTL, on the monotonic clock) has not passed, whether or not the database answers.
 :func:`check_lease` repeats the check in the database, inside the caller's transaction, so a
 journal or cursor write made by a replica that was taken over is refused, not applied.
+:class:`FencedPublisher` makes the same check before every publish.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import psycopg
 
+from bridge.amqp.protocol import OutgoingMessage, Publisher, PublishResult
 from bridge.core.errors import LeaseLost
 
 
@@ -49,3 +51,29 @@ async def check_lease(conn: psycopg.AsyncConnection[Any], fence: Fence) -> None:
     )
     if await cur.fetchone() is None:
         raise LeaseLost(f"shard {fence.shard} was taken over after epoch {fence.epoch}")
+
+
+class FencedPublisher:
+    """A publisher that publishes nothing for a shard this replica no longer holds."""
+
+    def __init__(self, publisher: Publisher, fence: Fence) -> None:
+        self._publisher = publisher
+        self._fence = fence
+
+    async def publish(self, messages: Sequence[OutgoingMessage]) -> PublishResult:
+        self._fence.check()
+        return await self._publisher.publish(messages)
+
+    async def publish_pages(
+        self, pages: Sequence[Sequence[OutgoingMessage]]
+    ) -> list[PublishResult]:
+        self._fence.check()
+        return await self._publisher.publish_pages(pages)
+
+    @property
+    def connected(self) -> bool:
+        return self._publisher.connected
+
+    @property
+    def problem(self) -> str | None:
+        return self._publisher.problem

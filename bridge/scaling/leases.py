@@ -70,6 +70,7 @@ class LeaseManager:
         self._closing = False
         self._timer: asyncio.TimerHandle | None = None
         self.failed_rounds = 0  # rounds that could not reach the database
+        self.last_failure: str | None = None  # why the last round failed; None if it did not
 
     # -- what this replica may do ------------------------------------------------------
 
@@ -140,9 +141,11 @@ class LeaseManager:
         async with self._io:
             try:
                 await self._link.run(self._round)
+                self.last_failure = None
             except LINK_ERRORS as exc:
                 self.failed_rounds += 1
-                log.warning("lease round failed", extra={"reason": self._describe(exc)})
+                self.last_failure = self._describe(exc)
+                log.warning("lease round failed", extra={"reason": self.last_failure})
         self._expire()
 
     async def release_all(self) -> None:

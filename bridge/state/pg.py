@@ -10,7 +10,9 @@ shard's lease in their own transaction).
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+import contextlib
+import zlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,6 +89,20 @@ class PgState(PgRecords, PgSources):
     def pool(self) -> AsyncConnectionPool[Conn]:
         """For lease checks and wake-ups that share this state's connections."""
         return self._pool
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self, name: str) -> AsyncIterator[None]:
+        """One replica at a time (an advisory lock named ``name``), e.g. for the bootstrap."""
+        key = zlib.crc32(name.encode())
+        try:
+            async with self._pool.connection() as conn:
+                await conn.execute("SELECT pg_advisory_lock(%s)", (key,))
+                try:
+                    yield
+                finally:
+                    await conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
+        except psycopg.Error as exc:
+            raise StateError(f"state database lock failed: {describe(exc, self._url)}") from exc
 
     def fenced(self, fence: Fence) -> PgState:
         """This state, with every write refused (LeaseLost) unless ``fence``'s lease holds."""
