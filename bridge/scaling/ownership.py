@@ -117,9 +117,11 @@ class Ownership:
                 self._failures_seen = failed
             for group in self.groups:
                 try:
-                    await group.discover()
-                except BridgeError as exc:
-                    log.warning("portals unreadable; next round", extra={"reason": str(exc)})
+                    # Bounded: a database that stops answering must not stall the counting.
+                    async with asyncio.timeout(self._every * 4):
+                        await group.discover()
+                except (BridgeError, TimeoutError) as exc:
+                    log.warning("portals unreadable; next round", extra={"reason": repr(exc)})
 
     def problem(self) -> str | None:
         """Why this replica cannot hold shards now (for readiness); None when it can."""
