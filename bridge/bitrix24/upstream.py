@@ -148,6 +148,7 @@ class PortalClient:
         guard: Callable[[], None] | None = None,
         headers: Mapping[str, str] | None = None,
         shared_refresh: SharedRefresh | None = None,
+        bucket_full: bool = False,
     ) -> None:
         self.portal = portal
         # Scaled mode: ``guard`` raises LeaseLost once this replica may no longer act for the
@@ -165,6 +166,10 @@ class PortalClient:
         # Bitrix24's own bucket: +1 per request, drains `rate_limit` per second, refuses above
         # `rate_burst`. Mirroring it locally keeps us from ever hearing QUERY_LIMIT_EXCEEDED.
         self.limiter = AsyncLimiter(rate_burst, rate_burst / rate_limit)
+        # Scaled mode, a portal taken over: the previous owner may have left the portal's
+        # bucket full a moment ago, so start as if it were (the sustained rate from the start,
+        # no burst until the bucket has drained).
+        self._bucket_full = bucket_full
         self._may_refresh = refresh
         self._refresh_lock = asyncio.Lock()
         self._refreshing: asyncio.Task[bool] | None = None
@@ -337,6 +342,9 @@ class PortalClient:
     async def _send(
         self, method: str, params: dict[str, Any], token: str, *, idempotent: bool
     ) -> dict[str, Any]:
+        if self._bucket_full:
+            self._bucket_full = False
+            await self.limiter.acquire(self.limiter.max_rate)
         await self.limiter.acquire()
         if self._guard is not None:
             self._guard()
