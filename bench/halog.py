@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,9 +88,10 @@ def epochs(calls: Sequence[Call]) -> Epochs:
     return Epochs(interleaved, unlabelled, len(highest), len(seen), examples)
 
 
-def last_call(calls: Sequence[Call], replica: str) -> float | None:
-    """The wall-clock arrival of ``replica``'s last call (REST or OAuth); None if none."""
-    times = [c["time"] for c in calls if c.get("replica") == replica]
+def last_call(calls: Sequence[Call], replica: str, before: float = math.inf) -> float | None:
+    """The wall-clock arrival of ``replica``'s last call (REST or OAuth) before ``before``;
+    None if none."""
+    times = [c["time"] for c in calls if c.get("replica") == replica and c["time"] < before]
     return max(times) if times else None
 
 

@@ -290,10 +290,17 @@ async def _cut_off(cluster: Cluster, result: Result, members: list[str]) -> dict
     cut_at = time.time()
     deadline = max(await expiry(), renewed)
     await asyncio.sleep(max(0.0, deadline - time.time()) + 4.0)
+    resumed_at = time.time()
     proxy.resume()
     rejoined = await cluster.wait_even(45)
     result.metrics["cut_replica_rejoined_s"] = None if rejoined is None else round(rejoined, 1)
-    return {"name": name, "cut_at": cut_at, "deadline": deadline, "portals": portals}
+    return {
+        "name": name,
+        "cut_at": cut_at,
+        "deadline": deadline,
+        "resumed_at": resumed_at,
+        "portals": portals,
+    }
 
 
 async def _drain_to_end(emulator: Emulator, flow: Flow, result: Result, members: list[str]) -> None:
@@ -387,13 +394,15 @@ def _analyse(
     result.notes.extend(f"interleaved: {example}" for example in seen.examples)
     result.check("calls interleaving an older epoch", seen.interleaved, "<=", 0)
 
-    name, deadline = cut["name"], cut["deadline"]
-    last = halog.last_call(calls, name)
+    # Until the link came back (then it may hold shards again, under new leases).
+    name, deadline, resumed = cut["name"], cut["deadline"], cut["resumed_at"]
+    last = halog.last_call(calls, name, before=resumed)
     result.metrics.update(
         {
             "cut_replica": name,
             "cut_renewal_to_cut_s": _round(cut["cut_at"] - (deadline - TTL)),
-            "cut_calls_after_cut": halog.calls_between(calls, name, cut["cut_at"], 1e18),
+            "cut_calls_after_cut": halog.calls_between(calls, name, cut["cut_at"], resumed),
+            "cut_link_back_after_deadline_s": _round(resumed - deadline),
             "cut_last_call_minus_deadline_s": _round(None if last is None else last - deadline),
         }
     )
