@@ -3,7 +3,7 @@
 Three ``bridge serve`` processes share a PostgreSQL database made for the run (dropped after);
 one emulator farm serves 24 portals, each installed through a balancer in front of the
 replicas, with events arriving on every portal all along (``EVENTS_PER_S`` each). Leases last
-5 s and are renewed every second; 64 shards. In turn:
+5 s and are renewed every half second (a claim waits for the next round); 64 shards. In turn:
 
 1. shards even: 30 s after start, every shard held and the counts within 1 of each other;
 2. rolling SIGTERM: each replica in turn stopped (and started again once it exited); for each
@@ -49,7 +49,7 @@ from bridge.scaling.shards import shard_of
 TITLE = "scaled mode: 3 replicas, 24 portals (kills, rolling stop, cut-off)"
 PORTALS = 24
 SHARDS = 64
-TTL, RENEW = 5.0, 1.0
+TTL, RENEW = 5.0, 0.5
 EVENTS_PER_S = 8  # per portal
 TICK = 0.25
 FARM = {"rate_limit": 2.0, "rate_burst": 50, "latency_ms": 20.0, "token_ttl": 60.0}
