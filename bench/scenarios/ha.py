@@ -337,15 +337,20 @@ async def _drain_to_end(emulator: Emulator, flow: Flow, result: Result, members:
     result.check("rate-limit errors", stats["totals"]["rate_limited"], "<=", 0)
 
 
-def _takeovers(calls: list[halog.Call], hits: Sequence[Hit]) -> tuple[list[float], int]:
+def _takeovers(
+    calls: list[halog.Call], hits: Sequence[Hit], detail: list[dict[str, Any]]
+) -> tuple[list[float], int]:
     """Seconds to each affected portal's first reservation by a new owner; and how many had
-    none at all."""
+    none at all. ``detail`` gets each hit's figures (for the JSON file)."""
     times: list[float] = []
     missing = 0
     for at, name, portals in hits:
         found = halog.first_reservations(calls, after=at, portals=portals, not_by=name)
         times.extend(t for t in found.values() if t is not None)
         missing += sum(1 for t in found.values() if t is None)
+        detail.append(
+            {"at": at, "replica": name, "portals": {m: _round(t) for m, t in found.items()}}
+        )
     return times, missing
 
 
@@ -356,7 +361,9 @@ def _analyse(
     kills: list[Hit],
     cut: dict[str, Any],
 ) -> None:
-    handoffs, no_handoff = _takeovers(calls, sigterms)
+    result.metrics["sigterm_detail"] = []
+    result.metrics["kill_detail"] = []
+    handoffs, no_handoff = _takeovers(calls, sigterms, result.metrics["sigterm_detail"])
     result.metrics.update(
         {
             "sigterm_portals_measured": len(handoffs),
@@ -368,7 +375,7 @@ def _analyse(
     result.check("handoff after SIGTERM (max)", _worst(handoffs, no_handoff), "<=", 3.0, "s")
     result.check("duplicates in the rolling stop", result.metrics["sigterm_duplicates"], "<=", 0)
 
-    takeovers, no_takeover = _takeovers(calls, kills)
+    takeovers, no_takeover = _takeovers(calls, kills, result.metrics["kill_detail"])
     result.metrics.update(
         {
             "kill_portals_measured": len(takeovers),
