@@ -97,3 +97,30 @@ def last_call(calls: Sequence[Call], replica: str, before: float = math.inf) -> 
 
 def calls_between(calls: Sequence[Call], replica: str, start: float, end: float) -> int:
     return sum(1 for c in calls if c.get("replica") == replica and start <= c["time"] < end)
+
+
+class Tail:
+    """The call log file as the emulator writes it: each :meth:`read` adds the new entries."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.calls: list[Call] = []
+        self._offset = 0
+
+    def read(self) -> list[Call]:
+        try:
+            with self.path.open("rb") as file:
+                file.seek(self._offset)
+                chunk = file.read()
+        except FileNotFoundError:
+            return self.calls
+        complete = chunk[: chunk.rfind(b"\n") + 1]  # a line being written waits for next time
+        self._offset += len(complete)
+        self.calls.extend(json.loads(line) for line in complete.splitlines() if line.strip())
+        return self.calls
+
+    def taken_over(self, *, after: float, portals: Iterable[str], not_by: str) -> bool:
+        """Has every one of ``portals`` had a reservation by another replica since ``after``?"""
+        calls = sorted(self.read()[-20_000:], key=lambda c: (c["monotonic"], c["seq"]))
+        found = first_reservations(calls, after=after, portals=portals, not_by=not_by)
+        return all(t is not None for t in found.values())

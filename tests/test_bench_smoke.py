@@ -189,3 +189,14 @@ def test_the_call_log_shows_takeovers_interleaved_epochs_and_a_fenced_replica(
     assert halog.last_call(loaded, "r1", before=1003.0) == 1002.5
     assert halog.last_call(loaded, "r9") is None
     assert halog.calls_between(loaded, "r1", 1000.5, 1003.0) == 2
+
+    # Read as it grows: a line still being written waits for the next read.
+    growing = tmp_path / "growing.jsonl"
+    lines = [json.dumps(c) + "\n" for c in calls]
+    growing.write_text("".join(lines[:4]) + lines[4][:10])
+    tail = halog.Tail(growing)
+    assert len(tail.read()) == 4
+    assert not tail.taken_over(after=1000.2, portals=["a"], not_by="r1")
+    growing.write_text("".join(lines))
+    assert tail.taken_over(after=1000.2, portals=["a"], not_by="r1")
+    assert [c["seq"] for c in tail.calls] == list(range(8))
