@@ -70,11 +70,13 @@ class Broker:
 
 @dataclass
 class Consumer:
-    """Counts what reaches one queue (no-ack); ``on_body`` sees every body if set."""
+    """Counts what reaches one queue (no-ack); ``on_body`` sees every body if set,
+    ``on_message`` every message (properties and all)."""
 
     queue: str
     count: int = 0
     on_body: Callable[[bytes], None] | None = None
+    on_message: Callable[[DeliveredMessage], None] | None = None
     last_at: float = 0.0
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -83,6 +85,8 @@ class Consumer:
         self.last_at = time.monotonic()
         if self.on_body is not None:
             self.on_body(message.body)
+        if self.on_message is not None:
+            self.on_message(message)
         self._changed.set()
 
     async def wait_for(self, count: int, within: float) -> bool:

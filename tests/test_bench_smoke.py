@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from bench import halog
 from bench.__main__ import parse_args, run_all
 from bench.broker import Broker
 from bench.context import DEFAULT_SEED, Context
@@ -140,3 +142,61 @@ def test_the_seed_decides_every_draw_and_a_bad_one_is_refused(
         parse_args(["--seed", "five"])
     assert exited.value.code == 2
     assert "--seed: invalid int value: 'five'" in capsys.readouterr().err
+
+
+def _call(
+    seq: int, at: float, member: str, replica: str | None, epoch: int | None, **kw: Any
+) -> Any:
+    return {
+        "seq": seq,
+        "time": 1000.0 + at,
+        "monotonic": at,
+        "member_id": member,
+        "method": kw.get("method", "batch"),
+        "commands": kw.get("commands", ["event.offline.get"]),
+        "replica": replica,
+        "epoch": None if epoch is None else str(epoch),
+        "status": kw.get("status", 200),
+    }
+
+
+def test_the_call_log_shows_takeovers_interleaved_epochs_and_a_fenced_replica(
+    tmp_path: Path,
+) -> None:
+    calls = [
+        _call(0, 0.0, "a", "r1", 1),
+        _call(1, 0.5, "b", "r1", 4),
+        _call(2, 1.0, "a", "r2", 2, commands=["event.offline.list"]),  # no reservation
+        _call(3, 1.5, "a", "r2", 2, status=503),  # refused: no reservation either
+        _call(4, 2.0, "a", "r2", 2, method="event.offline.get", commands=None),
+        _call(5, 2.5, "b", "r1", 4),  # the old owner, still calling
+        _call(6, 3.0, "a", "r1", 1, method="oauth.token", commands=None),  # epoch 1 after 2
+        _call(7, 3.5, "c", None, None),
+    ]
+    path = tmp_path / "calls.jsonl"
+    path.write_text("".join(json.dumps(c) + "\n" for c in reversed(calls)))
+    loaded = halog.load(path)
+    assert [c["seq"] for c in loaded] == list(range(8))  # in the order requests arrived
+
+    found = halog.first_reservations(loaded, after=1000.2, portals=["a", "b"], not_by="r1")
+    assert found == {"a": pytest.approx(1.8), "b": None}
+
+    seen = halog.epochs(loaded)
+    assert (seen.interleaved, seen.unlabelled, seen.portals, seen.epochs_seen) == (1, 1, 2, 3)
+    assert "epoch 1 by r1 (oauth.token) after epoch 2" in seen.examples[0]
+
+    assert halog.last_call(loaded, "r1") == 1003.0
+    assert halog.last_call(loaded, "r1", before=1003.0) == 1002.5
+    assert halog.last_call(loaded, "r9") is None
+    assert halog.calls_between(loaded, "r1", 1000.5, 1003.0) == 2
+
+    # Read as it grows: a line still being written waits for the next read.
+    growing = tmp_path / "growing.jsonl"
+    lines = [json.dumps(c) + "\n" for c in calls]
+    growing.write_text("".join(lines[:4]) + lines[4][:10])
+    tail = halog.Tail(growing)
+    assert len(tail.read()) == 4
+    assert not tail.taken_over(after=1000.2, portals=["a"], not_by="r1")
+    growing.write_text("".join(lines))
+    assert tail.taken_over(after=1000.2, portals=["a"], not_by="r1")
+    assert [c["seq"] for c in tail.calls] == list(range(8))

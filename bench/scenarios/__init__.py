@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from bench.context import Context
 from bench.report import Result
-from bench.scenarios import burst, drain, e2e, kills, memory, throttled
+from bench.scenarios import burst, drain, e2e, ha, kills, memory, throttled
 
 
 @dataclass(frozen=True)
@@ -26,5 +26,6 @@ SCENARIOS = {
         Scenario("e2e", e2e.TITLE, e2e.run),
         Scenario("memory", memory.TITLE, memory.run),
         Scenario("kills", kills.TITLE, kills.run),
+        Scenario("ha", ha.TITLE, ha.run),
     )
 }

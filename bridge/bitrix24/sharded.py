@@ -146,7 +146,13 @@ class ShardedPortals(Portals):
             return refreshed.portal, refreshed.exchanged
 
         headers = {"X-Bridge-Replica": self.replica_id, "X-Bridge-Epoch": str(fence.epoch)}
-        options = {"guard": fence.check, "headers": headers, "shared_refresh": shared}
+        options = {
+            "guard": fence.check,
+            "headers": headers,
+            "shared_refresh": shared,
+            # Held before (epoch > 1): its last owner's requests count in the portal's bucket.
+            "bucket_full": fence.epoch > 1,
+        }
         return Wiring(state, FencedPublisher(self.publisher, fence), options)
 
     def _stored(self, member_id: str) -> Portal | None:

@@ -148,6 +148,7 @@ class PortalClient:
         guard: Callable[[], None] | None = None,
         headers: Mapping[str, str] | None = None,
         shared_refresh: SharedRefresh | None = None,
+        bucket_full: bool = False,
     ) -> None:
         self.portal = portal
         # Scaled mode: ``guard`` raises LeaseLost once this replica may no longer act for the
@@ -165,6 +166,10 @@ class PortalClient:
         # Bitrix24's own bucket: +1 per request, drains `rate_limit` per second, refuses above
         # `rate_burst`. Mirroring it locally keeps us from ever hearing QUERY_LIMIT_EXCEEDED.
         self.limiter = AsyncLimiter(rate_burst, rate_burst / rate_limit)
+        # Scaled mode, a portal taken over: the previous owner may have left the portal's
+        # bucket full a moment ago, so start as if it were (the sustained rate from the start,
+        # no burst until the bucket has drained).
+        self._bucket_full = bucket_full
         self._may_refresh = refresh
         self._refresh_lock = asyncio.Lock()
         self._refreshing: asyncio.Task[bool] | None = None
@@ -306,9 +311,8 @@ class PortalClient:
         rate_attempts = 0
         fault_attempts = 0
         while True:
-            token = self.portal.access_token
             try:
-                body = await self._send(method, params, token, idempotent=idempotent)
+                body, token = await self._send(method, params, idempotent=idempotent)
             except OutcomeUnknown:
                 if not idempotent or fault_attempts >= self._max_fault_retries:
                     raise
@@ -335,11 +339,17 @@ class PortalClient:
             return body
 
     async def _send(
-        self, method: str, params: dict[str, Any], token: str, *, idempotent: bool
-    ) -> dict[str, Any]:
+        self, method: str, params: dict[str, Any], *, idempotent: bool
+    ) -> tuple[dict[str, Any], str]:
+        """The answer, and the access token it was sent with."""
+        if self._bucket_full:
+            self._bucket_full = False
+            await self.limiter.acquire(self.limiter.max_rate)
         await self.limiter.acquire()
         if self._guard is not None:
             self._guard()
+        # Read only now: a refresh may have finished while this request waited for its turn.
+        token = self.portal.access_token
         self.requests += 1
         url = f"{self.portal.client_endpoint}{method}.json"
         try:
@@ -353,7 +363,7 @@ class PortalClient:
         self.last_answer = time.monotonic()
         if response.status_code in (301, 302, 307, 308) and "location" in response.headers:
             await self._follow_domain_change(response.headers["location"], method)
-            return await self._send(method, params, self.portal.access_token, idempotent=idempotent)
+            return await self._send(method, params, idempotent=idempotent)
         try:
             body = response.json()
         except ValueError:
@@ -362,7 +372,7 @@ class PortalClient:
             ) from None
         if not isinstance(body, dict):
             raise OutcomeUnknown("ERROR_UNEXPECTED_ANSWER", "not a JSON object", method=method)
-        return body
+        return body, token
 
     async def _follow_domain_change(self, location: str, method: str) -> None:
         target = urlsplit(location)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from aiolimiter import AsyncLimiter
 
 from bridge.bitrix24.oauth import OAuthClient
 from bridge.bitrix24.upstream import PortalClient
@@ -257,3 +258,25 @@ async def test_a_token_rotated_elsewhere_is_adopted_instead_of_stopping(
         assert ours.portal.refresh_token == theirs.portal.refresh_token
     finally:
         await state.close()
+
+
+async def test_a_request_waiting_for_its_turn_sends_the_token_refreshed_meanwhile(
+    emulator: EmulatorServer, tmp_path: Path
+) -> None:
+    state = await State.open(str(tmp_path / "s.sqlite3"))
+    try:
+        portal, app = await _portal_from(emulator, state)
+        async with httpx.AsyncClient() as http:
+            client = _client(portal, http, app, save=state.save_portal, load=state.portal)
+            client.limiter = AsyncLimiter(1, 0.5)  # one request per half second, no burst
+            async with httpx.AsyncClient(base_url=emulator.base_url) as control:
+                await control.post("/_emulator/faults", json={"expire_tokens": True})
+            # The second waits for its turn while the first is refused and refreshes the token.
+            await asyncio.gather(
+                *(client.call("feature.get", {"CODE": "x"}, idempotent=True) for _ in range(2))
+            )
+    finally:
+        await state.close()
+    # The refused request and its retry, then the waiting one with the fresh token at once
+    # (it used to go out with the token read before its wait, refused a second time).
+    assert client.requests == 3

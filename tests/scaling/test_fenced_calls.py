@@ -96,3 +96,37 @@ async def test_a_fenced_publisher_publishes_nothing_past_its_lease() -> None:
     with pytest.raises(LeaseLost):
         await publisher.publish([message])
     assert len(inner.stored) == 1
+
+
+async def test_a_client_for_a_portal_taken_over_starts_with_the_bucket_full() -> None:
+    """The previous owner may have filled the portal's bucket: no burst until it drains."""
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={"result": True, "time": {}})
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as http:
+        oauth = OAuthClient(
+            http, oauth_url="https://oauth.example", client_id="c", client_secret="s"
+        )
+
+        async def save(portal: Portal) -> None:
+            return None
+
+        def client(*, bucket_full: bool = False) -> PortalClient:
+            return PortalClient(
+                PORTAL,
+                http=http,
+                oauth=oauth,
+                save=save,
+                metrics=Metrics(),
+                rate_limit=10,
+                rate_burst=20,
+                bucket_full=bucket_full,
+            )
+
+        fresh, taken_over = client(), client(bucket_full=True)
+        for each in (fresh, taken_over):
+            await each.call("profile", {}, idempotent=True)
+        # One request in a fresh bucket; a full one (less what leaked while the first waited).
+        assert fresh.limiter.has_capacity(10)
+        assert not taken_over.limiter.has_capacity(10)

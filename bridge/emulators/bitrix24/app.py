@@ -135,6 +135,7 @@ def _log(
     method: str,
     answer: Response,
     arrived: tuple[float, float],
+    commands: tuple[str, ...] | None = None,
 ) -> None:
     farm: Farm = request.app.state.farm
     error = None
@@ -151,6 +152,7 @@ def _log(
         outcome=str(outcome),
         status=answer.status_code,
         arrived=arrived,
+        commands=commands,
     )
 
 
@@ -158,16 +160,19 @@ async def rest(request: Request) -> Response:
     arrived = calllog.now()
     portal = portal_of(request)
     path = request.path_params["path"]
-    answer = await _rest(portal, request, path)
+    answer, commands = await _rest(portal, request, path)
     method = method_name(path.rstrip("/").rpartition("/")[2])
-    _log(request, "rest", portal, method, answer, arrived)
+    _log(request, "rest", portal, method, answer, arrived, commands)
     return answer
 
 
-async def _rest(portal: Portal, request: Request, path: str) -> Response:
+async def _rest(
+    portal: Portal, request: Request, path: str
+) -> tuple[Response, tuple[str, ...] | None]:
+    """The answer, and a batch's command methods for the call log."""
     moved = _moved(portal, request)
     if moved is not None:
-        return moved
+        return moved, None
     latency = portal.faults.latency_ms
     latency = portal.config.latency_ms if latency is None else latency
     if latency > 0:
@@ -175,11 +180,12 @@ async def _rest(portal: Portal, request: Request, path: str) -> Response:
     try:
         params = await _request_params(request)
     except RestError as exc:
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status), None
     handled = handle(portal, path, params, _bearer(request))
     if handled.dropped:
-        return DroppedAnswer()
-    return JSONResponse(handled.reply.body(), status_code=handled.reply.status)
+        return DroppedAnswer(), handled.commands
+    reply = handled.reply
+    return JSONResponse(reply.body(), status_code=reply.status), handled.commands
 
 
 async def token(request: Request) -> Response:

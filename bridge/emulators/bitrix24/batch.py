@@ -26,6 +26,15 @@ def truthy(value: Any) -> bool:
     return value not in (None, "", "0", 0, False, [], {})
 
 
+def command_methods(params: Mapping[str, Any]) -> tuple[str, ...]:
+    """The methods a batch request's ``cmd`` names, in order (for the call log)."""
+    raw = next((v for k, v in params.items() if str(k).upper() == "CMD"), None)
+    values = raw.values() if isinstance(raw, Mapping) else raw if isinstance(raw, list) else []
+    return tuple(
+        c.partition("#")[0].partition("?")[0].lower() for c in values if isinstance(c, str)
+    )
+
+
 def run(call: Call) -> Outcome:
     halt = truthy(call.params.get("HALT"))
     raw = call.params.get("CMD")

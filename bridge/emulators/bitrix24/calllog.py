@@ -13,6 +13,7 @@ import itertools
 import json
 import time
 from collections import deque
+from collections.abc import Sequence
 from typing import IO, Any
 
 REPLICA_HEADER = "x-bridge-replica"
@@ -46,9 +47,11 @@ class CallLog:
         outcome: str,
         status: int,
         arrived: tuple[float, float] | None = None,
+        commands: Sequence[str] | None = None,
     ) -> None:
         """``headers``: the request's (a mapping with ``get``, case-insensitive keys);
-        ``arrived``: when the request came, as :func:`now` tells it (default: now)."""
+        ``arrived``: when the request came, as :func:`now` tells it (default: now);
+        ``commands``: for a ``batch``, the methods of its commands in order."""
         wall, monotonic = arrived if arrived is not None else now()
         entry = {
             "seq": self._next,
@@ -61,6 +64,7 @@ class CallLog:
             "epoch": headers.get(EPOCH_HEADER),
             "outcome": outcome,
             "status": status,
+            "commands": None if commands is None else list(commands),
         }
         self._next += 1
         self._ring.append(entry)

@@ -13,6 +13,7 @@ from datetime import datetime
 from typing import Any
 
 from bridge.emulators.bitrix24 import params as read
+from bridge.emulators.bitrix24.batch import command_methods
 from bridge.emulators.bitrix24.errors import RestError
 from bridge.emulators.bitrix24.model import Call, Reply
 from bridge.emulators.bitrix24.operating import Meter
@@ -24,6 +25,7 @@ from bridge.emulators.bitrix24.rest import METHODS
 class Handled:
     reply: Reply
     dropped: bool = False  # the server acted, but the answer must never reach the client
+    commands: tuple[str, ...] | None = None  # a batch's: the methods of its commands, in order
 
 
 def handle(portal: Portal, path: str, params: dict[str, Any], bearer: str | None) -> Handled:
@@ -31,6 +33,7 @@ def handle(portal: Portal, path: str, params: dict[str, Any], bearer: str | None
     segments = [segment for segment in path.split("/") if segment]
     method = method_name(segments[-1] if segments else "")
     portal.calls[method] += 1
+    commands = command_methods(params) if method == "batch" else None
     now = portal.now()
     portal.clean_if_due(now)
     # Auth parameters never reach the method (OAuth\Auth: parameters_clear).
@@ -51,14 +54,14 @@ def handle(portal: Portal, path: str, params: dict[str, Any], bearer: str | None
             raise RestError("WRONG_LICENSE", "This feature is not enabled: auth_connector")
     except RestError as exc:
         portal.errors[exc.code] += 1
-        return Handled(Reply(error=exc))
+        return Handled(Reply(error=exc), commands=commands)
     meter = portal.operating.meter(now)
     reply = invoke(portal, method, params, user_id, connector, meter, counted=True)
     portal.operating.finalize(meter, portal.now())
     dropped = reply.reserved and portal.faults.drop_next_reservation
     if dropped:
         portal.faults.drop_next_reservation = False
-    return Handled(reply, dropped)
+    return Handled(reply, dropped, commands)
 
 
 def method_name(raw: str) -> str:

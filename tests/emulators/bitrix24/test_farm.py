@@ -182,6 +182,21 @@ def test_the_call_log_names_replica_and_epoch_and_pages(
     assert [entry["seq"] for entry in lines] == list(range(behind["total"]))
 
 
+def test_the_call_log_lists_the_commands_of_a_batch(
+    farm: EmulatorServer, portals: tuple[PortalClient, PortalClient]
+) -> None:
+    first, _ = portals
+    token = first.token
+    start = _farm_get(farm, "calls", since=0, limit=0)["total"]
+    cmd = {"get": "event.offline.get?clear=0&limit=3", "info": "APP.INFO", "odd": 7}
+    assert first.post("batch", {"cmd": cmd}, token=token).status_code == 200
+    assert first.post("app.info", token=token).status_code == 200
+    batch, plain = _farm_get(farm, "calls", since=start)["calls"]
+    # A batch's entry names the methods it carried (in order; a non-string command is none).
+    assert (batch["method"], batch["commands"]) == ("batch", ["event.offline.get", "app.info"])
+    assert (plain["method"], plain["commands"]) == ("app.info", None)
+
+
 def test_farm_control_adds_events_and_installs_every_portal(
     farm: EmulatorServer, notification_sink: NotificationSink
 ) -> None:
