@@ -64,6 +64,7 @@ class Flow:
         self.copies: Counter[str] = Counter()  # message_id -> deliveries
         self.duplicate_at: list[float] = []  # monotonic arrival of each extra copy
         self._task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
 
     def on_message(self, message: DeliveredMessage) -> None:
         mid = str(message.header.properties.message_id)
@@ -76,18 +77,20 @@ class Flow:
 
     async def _run(self) -> None:
         count = max(1, round(EVENTS_PER_S * TICK))
-        while True:
+        while not self._stopping.is_set():
             body = {"generate": {"event": EVENT, "count": count, "start_id": self.generated + 1}}
             response = await self.emulator.http.post("/_farm/events", json=body)
             response.raise_for_status()
             self.generated += count
-            await asyncio.sleep(TICK)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), TICK)
 
     async def stop(self) -> None:
+        # Not cancelled: a request the farm took whose answer never came back would leave
+        # events uncounted, and "lost" blind to as many.
+        self._stopping.set()
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await self._task
         self._task = None
 
     def duplicates_between(self, start: float, end: float) -> int:
