@@ -25,7 +25,15 @@ from bench.procs import (
 
 EVENT = "ONCRMLEADADD"
 NUDGE_AFTER = 5.0  # no message this long after the backlog: send the notification again
-UNTHROTTLED = {"BRIDGE_RATE_LIMIT": "100000", "BRIDGE_RATE_BURST": "100000"}
+# Unthrottled: no request rate and no operating-time limit, on either side. The emulator charges
+# each call its own processing time, which on a 50,000-row queue would pace the drain to the
+# emulator's speed, not the bridge's (the throttled scenario measures pacing).
+UNLIMITED_OPERATING = 1e9
+UNTHROTTLED = {
+    "BRIDGE_RATE_LIMIT": "100000",
+    "BRIDGE_RATE_BURST": "100000",
+    "BRIDGE_OPERATING_LIMIT": str(UNLIMITED_OPERATING),
+}
 
 
 @dataclass
@@ -53,6 +61,7 @@ async def drain_backlog(
     emulator = Emulator(
         ctx.path(f"{label}-emulator.log"),
         rate_limit=None,
+        operating_limit=UNLIMITED_OPERATING,
         min_timeout=0,
         auto_bind=True,
         handler_url=f"http://127.0.0.1:{port}/bitrix24/events",
