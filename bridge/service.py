@@ -20,7 +20,6 @@ from bridge.amqp.publisher import AmqpPublisher
 from bridge.bitrix24.oauth import OAuthClient
 from bridge.bitrix24.portals import HTTP_TIMEOUT, SHUTDOWN_BOUND, Portals, PortalSession
 from bridge.core.drainer import Drainer
-from bridge.core.errors import ConfigError
 from bridge.core.group import SourceGroup
 from bridge.diadoc.settings import DiadocSettings
 from bridge.metrics import Metrics
@@ -87,11 +86,6 @@ class Service:
         """State, broker and known portals; raises BridgeError with a one-line reason."""
         self.settings.warn_plain_http()
         scaled = self.settings.state_url is not None
-        if scaled and self.diadoc is not None and self.diadoc.enabled:
-            raise ConfigError(
-                "Diadoc boxes are not drained in scaled mode (BRIDGE_STATE_URL) yet: "
-                "run them on a replica of their own with a state file"
-            )
         if not scaled and self.settings.state_path != ":memory:":
             # One process drains a state file and refreshes its tokens (they rotate).
             self.lock.acquire(purpose)
@@ -113,14 +107,8 @@ class Service:
                 oauth=self.oauth,
             )
         self.groups = [self._bitrix24]
-        state, publisher, metrics, http = self.state, self.publisher, self.metrics, self.http
         if self.diadoc is not None and self.diadoc.enabled:
-            from bridge.diadoc.wiring import DiadocFeeds
-
-            feeds = DiadocFeeds(
-                self.diadoc, state=state, publisher=publisher, metrics=metrics, http=http
-            )
-            self.groups.append(feeds)
+            self.groups.append(self._diadoc(self.diadoc))
         for group in self.groups:
             await group.open()
         self.opened = True
@@ -143,6 +131,34 @@ class Service:
         )
         self.ownership.groups = [portals]
         return portals
+
+    def _diadoc(self, settings: DiadocSettings) -> SourceGroup:
+        """The Diadoc boxes: all of them here, or (scaled mode) those of the shards held."""
+        assert self.state is not None
+        if self.ownership is None:
+            from bridge.diadoc.wiring import DiadocFeeds
+
+            return DiadocFeeds(
+                settings,
+                state=self.state,
+                publisher=self.publisher,
+                metrics=self.metrics,
+                http=self.http,
+            )
+        from bridge.diadoc.sharded import ShardedDiadoc
+        from bridge.state.pg import PgState
+
+        assert isinstance(self.state, PgState)
+        boxes = ShardedDiadoc(
+            settings,
+            state=self.state,
+            publisher=self.publisher,
+            metrics=self.metrics,
+            http=self.http,
+            shards=self.settings.shards,
+        )
+        self.ownership.groups.append(boxes)
+        return boxes
 
     @property
     def bitrix24(self) -> Portals:

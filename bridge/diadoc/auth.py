@@ -7,6 +7,12 @@ between two separate writes would make the next start present the dead bootstrap
 renewal runs as its own shielded task, so a cancelled caller (a shutdown) cannot stop it between
 the provider's answer and the write; :meth:`DiadocAuth.settle` waits for it. When the write fails,
 the rotated token stays in memory and is written before the next use.
+
+Several replicas (scaled mode) share the session: they pass ``exclusive``, a lock held across the
+database (an advisory lock), and renew only under it. Under the lock a replica first looks at the
+access token stored with the refresh token: one that another replica got since this one's token
+failed is adopted; otherwise the refresh token read under the lock is presented, so no refresh
+token is ever presented twice.
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ import asyncio
 import hashlib
 import logging
 import time
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +37,8 @@ log = logging.getLogger(__name__)
 AUTH_SOURCE = "diadoc.auth"
 REFRESH_KEY = "refresh_token"
 BOOTSTRAP_KEY = "bootstrap_fingerprint"
+ACCESS_KEY = "access_token"  # stored only when shared by several replicas
+EXPIRES_KEY = "access_expires_at"
 EXPIRY_MARGIN = 30.0  # refresh this long before the access token would expire
 
 
@@ -57,6 +67,7 @@ class DiadocAuth:
         state: StateStore,
         metrics: DiadocMetrics,
         timeout: float = 30.0,
+        exclusive: Callable[[], AbstractAsyncContextManager[None]] | None = None,
     ) -> None:
         self._http = http
         self._url = token_url
@@ -66,6 +77,7 @@ class DiadocAuth:
         self._state = state
         self._metrics = metrics
         self._timeout = timeout
+        self._exclusive = exclusive
         self._lock = asyncio.Lock()
         self._access: str | None = None
         self._expires_at = 0.0
@@ -102,10 +114,36 @@ class DiadocAuth:
             await asyncio.gather(self._renewal, return_exceptions=True)
 
     async def _renew(self) -> str:
+        if self._exclusive is None:
+            return await self._renew_here(shared=False)
+        async with self._exclusive():
+            return await self._renew_here(shared=True)
+
+    async def _renew_here(self, *, shared: bool) -> str:
         if self._unsaved is not None:
             access = await self._store()
             if time.time() < self._expires_at - EXPIRY_MARGIN:
                 return access
+        if shared and (adopted := await self._adopt()) is not None:
+            return adopted
+        return await self._rotate()
+
+    async def _adopt(self) -> str | None:
+        """The access token another replica stored since ours failed, if it is still fresh."""
+        access = await self._state.source_secret(AUTH_SOURCE, ACCESS_KEY)
+        raw = await self._state.cursor(AUTH_SOURCE, EXPIRES_KEY)
+        try:
+            expires_at = float(raw) if raw is not None else 0.0
+        except ValueError:
+            expires_at = 0.0
+        if access is None or access == self._access:
+            return None
+        if time.time() >= expires_at - EXPIRY_MARGIN:
+            return None
+        self._access, self._expires_at = access, expires_at
+        return access
+
+    async def _rotate(self) -> str:
         refresh_token, from_bootstrap = await self._refresh_token()
         try:
             access, expires_in, rotated = await self._exchange(refresh_token)
@@ -119,6 +157,10 @@ class DiadocAuth:
             rows[REFRESH_KEY] = refresh_token
         if from_bootstrap and self._bootstrap is not None:
             rows[BOOTSTRAP_KEY] = fingerprint(self._bootstrap)
+        if self._exclusive is not None:
+            # For the other replicas: they adopt it instead of renewing again.
+            rows[ACCESS_KEY] = access
+            rows[EXPIRES_KEY] = repr(time.time() + expires_in)
         self._unsaved = _Unsaved(rows, access, time.time() + expires_in)
         access = await self._store()
         self.refreshes += 1
@@ -132,7 +174,9 @@ class DiadocAuth:
         assert pending is not None
         if pending.rows:
             try:
-                await self._state.set_source_values(AUTH_SOURCE, pending.rows, secret={REFRESH_KEY})
+                await self._state.set_source_values(
+                    AUTH_SOURCE, pending.rows, secret={REFRESH_KEY, ACCESS_KEY}
+                )
             except StateError:
                 log.error(
                     "diadoc refresh token rotated but not stored; kept in memory and stored "

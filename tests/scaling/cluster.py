@@ -37,6 +37,7 @@ class Sent:
     path: str
     replica: str | None
     epoch: str | None
+    query: str = ""
 
 
 class Recorder(httpx.AsyncBaseTransport):
@@ -54,6 +55,7 @@ class Recorder(httpx.AsyncBaseTransport):
                 request.url.path,
                 request.headers.get("x-bridge-replica"),
                 request.headers.get("x-bridge-epoch"),
+                request.url.query.decode(),
             )
         )
         return await self.inner.handle_async_request(request)
