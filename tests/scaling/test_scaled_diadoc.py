@@ -120,3 +120,43 @@ async def test_boxes_are_drained_by_their_shard_holder_and_taken_over(
         # One OpenID session shared by both replicas: no refresh token presented twice.
         assert model.refreshes >= 1
         assert model.refused_refreshes == 0
+
+
+async def test_a_crashed_replicas_boxes_are_taken_over_and_no_event_is_lost(
+    pg_url: str, amqp_ns: AmqpNamespace
+) -> None:
+    model = DiadocEmulator(BOXES)
+    model.latency_ms = 20
+    added = [e.key for box in BOXES for e in model.add_events(box, count=100)]
+    exchange = f"{amqp_ns.prefix}.diadoc.events"
+    with DiadocEmulatorServer(model) as diadoc:
+        # One shard: active and standby; small pages, so the crash cuts a drain short.
+        extra = {
+            **diadoc.env(),
+            "BRIDGE_DIADOC_EXCHANGE": exchange,
+            "BRIDGE_DIADOC_POLL_INTERVAL": "0.2",
+            "BRIDGE_DIADOC_PAGE_LIMIT": "5",
+            "BRIDGE_SHARDS": "1",
+        }
+        collector = await amqp_ns.consume(exchange)
+        async with emulated_portals(1) as portals, contextlib.AsyncExitStack() as first:
+            env_a = await replica_env("a", pg_url, amqp_ns, portals[0], **extra)
+            env_b = await replica_env("b", pg_url, amqp_ns, portals[0], **extra)
+            a = await first.enter_async_context(replica("a", env_a))
+            await until(holds(lambda: _shards_held(a) == 1), "the first replica active")
+            async with replica("b", env_b) as b:
+                await until(holds(lambda: len(collector.messages) >= 60), "a drain under way")
+                # A crash: the lease is neither renewed nor released, the drains cut short.
+                ownership = a.service.ownership
+                assert ownership is not None
+                await ownership.halt()
+                for drainer in a.service.drainers():
+                    await drainer.stop(0)
+                assert len(collector.messages) < len(added)
+                await until(holds(lambda: _shards_held(b) == 1), "the standby taking over")
+                await collector.wait_for(len(added), timeout=60)
+                assert set(_group(b).boxes()) == set(BOXES)
+        # Nothing lost (a crash may publish the page it cut short twice, never more).
+        assert set(collector.message_ids) == set(added)
+        assert len(collector.message_ids) - len(added) <= 5 * len(BOXES)  # a page per box
+        assert model.refused_refreshes == 0
