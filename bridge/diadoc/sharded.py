@@ -19,12 +19,11 @@ import httpx
 
 from bridge.amqp.protocol import Publisher
 from bridge.core.drainer import Drainer
-from bridge.diadoc.auth import DiadocAuth
 from bridge.diadoc.client import DiadocClient
 from bridge.diadoc.metrics import DiadocMetrics, diadoc_metrics
 from bridge.diadoc.settings import DiadocSettings
 from bridge.diadoc.source import DocflowFeed
-from bridge.diadoc.wiring import PolledDrainer, options_of
+from bridge.diadoc.wiring import PolledDrainer, box_health, diadoc_client, options_of
 from bridge.metrics import Metrics
 from bridge.scaling.fencing import Fence, FencedPublisher
 from bridge.scaling.shards import shard_of
@@ -64,34 +63,13 @@ class ShardedDiadoc:
         return shard_of(box_id, self._shards)
 
     async def open(self) -> None:
-        settings = self._settings
-        for name in settings.plain_http_urls():
-            log.warning(
-                "%s uses plain http:// on a non-loopback host; tokens travel unencrypted", name
-            )
-        assert settings.client_id is not None
-        assert settings.client_secret is not None
         self._dmetrics = dmetrics = diadoc_metrics(self._metrics.registry)
-        auth = DiadocAuth(
-            self._http,
-            token_url=settings.token_url,
-            client_id=settings.client_id,
-            client_secret=settings.client_secret.get_secret_value(),
-            bootstrap_refresh_token=(
-                settings.refresh_token.get_secret_value() if settings.refresh_token else None
-            ),
+        self._client = diadoc_client(
+            self._settings,
             state=self._state,
             metrics=dmetrics,
-            timeout=settings.request_timeout,
+            http=self._http,
             exclusive=lambda: self._state.exclusive(OIDC_LOCK),
-        )
-        self._client = DiadocClient(
-            self._http,
-            auth,
-            api_url=settings.api_url,
-            api_version=settings.api_version,
-            metrics=dmetrics,
-            timeout=settings.request_timeout,
         )
 
     # -- shards (the Sharded protocol of bridge.scaling.ownership) -------------------------
@@ -170,16 +148,7 @@ class ShardedDiadoc:
         return None  # each box's drainer ticks itself
 
     def health(self) -> list[dict[str, object]]:
-        out: list[dict[str, object]] = []
-        for box, (_, drainer) in sorted(self._running.items()):
-            entry: dict[str, object] = {
-                "box": box,
-                "state": "stopped" if drainer.stopped else "draining",
-            }
-            if drainer.stopped:
-                entry["reason"] = drainer.stopped
-            out.append(entry)
-        return out
+        return box_health((box, d) for box, (_, d) in sorted(self._running.items()))
 
     async def close(self) -> None:
         self.closing = True

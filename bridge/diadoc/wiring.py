@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable, Iterable
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import httpx
@@ -17,7 +19,7 @@ from bridge.diadoc.auth import DiadocAuth
 from bridge.diadoc.client import DiadocClient
 from bridge.diadoc.cursor import Cursor
 from bridge.diadoc.delivery import SOURCE
-from bridge.diadoc.metrics import diadoc_metrics
+from bridge.diadoc.metrics import DiadocMetrics, diadoc_metrics
 from bridge.diadoc.settings import DiadocSettings
 from bridge.diadoc.source import DocflowFeed, FeedOptions
 from bridge.diadoc.ticks import to_unix
@@ -79,6 +81,58 @@ def options_of(settings: DiadocSettings) -> FeedOptions:
     )
 
 
+def diadoc_client(
+    settings: DiadocSettings,
+    *,
+    state: StateStore,
+    metrics: DiadocMetrics,
+    http: httpx.AsyncClient,
+    exclusive: Callable[[], AbstractAsyncContextManager[None]] | None = None,
+) -> DiadocClient:
+    """The account's API client: one OpenID Connect session shared by every box, so a rotated
+    refresh token is used by one refresher at a time (across replicas: under ``exclusive``)."""
+    for name in settings.plain_http_urls():
+        log.warning("%s uses plain http:// on a non-loopback host; tokens travel unencrypted", name)
+    # Both are checked by DiadocSettings whenever boxes are configured.
+    assert settings.client_id is not None
+    assert settings.client_secret is not None
+    auth = DiadocAuth(
+        http,
+        token_url=settings.token_url,
+        client_id=settings.client_id,
+        client_secret=settings.client_secret.get_secret_value(),
+        bootstrap_refresh_token=(
+            settings.refresh_token.get_secret_value() if settings.refresh_token else None
+        ),
+        state=state,
+        metrics=metrics,
+        timeout=settings.request_timeout,
+        exclusive=exclusive,
+    )
+    return DiadocClient(
+        http,
+        auth,
+        api_url=settings.api_url,
+        api_version=settings.api_version,
+        metrics=metrics,
+        timeout=settings.request_timeout,
+    )
+
+
+def box_health(drainers: Iterable[tuple[str, Drainer]]) -> list[dict[str, object]]:
+    """Each box's entry of the ``/readyz`` detail."""
+    out: list[dict[str, object]] = []
+    for box, drainer in drainers:
+        entry: dict[str, object] = {
+            "box": box,
+            "state": "stopped" if drainer.stopped else "draining",
+        }
+        if drainer.stopped:
+            entry["reason"] = drainer.stopped
+        out.append(entry)
+    return out
+
+
 def diadoc_drainers(
     settings: DiadocSettings,
     *,
@@ -94,32 +148,8 @@ def diadoc_drainers(
     """
     if not settings.enabled:
         return []
-    for name in settings.plain_http_urls():
-        log.warning("%s uses plain http:// on a non-loopback host; tokens travel unencrypted", name)
-    # Both are checked by DiadocSettings whenever boxes are configured.
-    assert settings.client_id is not None
-    assert settings.client_secret is not None
     dmetrics = diadoc_metrics(metrics.registry)
-    auth = DiadocAuth(
-        http,
-        token_url=settings.token_url,
-        client_id=settings.client_id,
-        client_secret=settings.client_secret.get_secret_value(),
-        bootstrap_refresh_token=(
-            settings.refresh_token.get_secret_value() if settings.refresh_token else None
-        ),
-        state=state,
-        metrics=dmetrics,
-        timeout=settings.request_timeout,
-    )
-    client = DiadocClient(
-        http,
-        auth,
-        api_url=settings.api_url,
-        api_version=settings.api_version,
-        metrics=dmetrics,
-        timeout=settings.request_timeout,
-    )
+    client = diadoc_client(settings, state=state, metrics=dmetrics, http=http)
     options = options_of(settings)
     drainers: list[Drainer] = []
     for box in settings.boxes:
@@ -165,16 +195,7 @@ class DiadocFeeds:
         return None  # each box's drainer ticks itself
 
     def health(self) -> list[dict[str, object]]:
-        out: list[dict[str, object]] = []
-        for drainer in self._drainers:
-            entry: dict[str, object] = {
-                "box": drainer.source.name,
-                "state": "stopped" if drainer.stopped else "draining",
-            }
-            if drainer.stopped:
-                entry["reason"] = drainer.stopped
-            out.append(entry)
-        return out
+        return box_health((d.source.name, d) for d in self._drainers)
 
     async def close(self) -> None:
         return None  # the drainers' stop settles the token renewal

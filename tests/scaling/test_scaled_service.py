@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 
 import pytest
 
@@ -18,11 +18,12 @@ from bridge.amqp.protocol import OutgoingMessage, PublishResult
 from bridge.bitrix24.sharded import ShardedPortals
 from bridge.scaling.shards import shard_of
 from tests.harness import until
-from tests.plugins.broker import AmqpNamespace
+from tests.plugins.broker import AmqpNamespace, Collector
 from tests.plugins.tcpproxy import TcpProxy
 from tests.scaling.cluster import (
     EVENT,
     SHARDS,
+    Emulated,
     Replica,
     emulated_portals,
     notify,
@@ -128,6 +129,23 @@ async def test_a_notification_to_another_replica_wakes_the_owner(
         _no_duplicates(collector.message_ids)
 
 
+@contextlib.asynccontextmanager
+async def active_standby(
+    pg_url: str, amqp_ns: AmqpNamespace
+) -> AsyncIterator[tuple[list[Emulated], Collector, dict[str, str], dict[str, str]]]:
+    """Two portals with 400 events each, their consumer, and two replicas' settings sharing
+    one shard (active and standby), with small pages so that many are in flight."""
+    async with emulated_portals(2, latency_ms=20) as portals:
+        await store_portals(pg_url, portals)
+        for index, portal in enumerate(portals):
+            await portal.control.generate(EVENT, 400, start_id=index * 10_000 + 1)
+        collector = await amqp_ns.consume(amqp_ns.exchange(EVENT.lower()))
+        extra = {"BRIDGE_PAGE_SIZE": "5", "BRIDGE_SHARDS": "1"}
+        env_a = await replica_env("a", pg_url, amqp_ns, portals[0], **extra)
+        env_b = await replica_env("b", pg_url, amqp_ns, portals[0], **extra)
+        yield portals, collector, env_a, env_b
+
+
 # Publishing as it comes, and slowed down (confirms reported 2 s late): the first replica's page
 # in flight then takes longer to finish than its lease's TTL (2 s) has left, so only renewals
 # that go on during the hand-over let it finish (a page cut short is published again).
@@ -135,15 +153,7 @@ async def test_a_notification_to_another_replica_wakes_the_owner(
 async def test_a_replica_closing_hands_its_shards_over_after_the_page_in_flight(
     pg_url: str, amqp_ns: AmqpNamespace, publish_delay: float
 ) -> None:
-    async with emulated_portals(2, latency_ms=20) as portals:
-        await store_portals(pg_url, portals)
-        for index, portal in enumerate(portals):
-            await portal.control.generate(EVENT, 400, start_id=index * 10_000 + 1)
-        collector = await amqp_ns.consume(amqp_ns.exchange(EVENT.lower()))
-        # One shard: active and standby.
-        extra = {"BRIDGE_PAGE_SIZE": "5", "BRIDGE_SHARDS": "1"}
-        env_a = await replica_env("a", pg_url, amqp_ns, portals[0], **extra)
-        env_b = await replica_env("b", pg_url, amqp_ns, portals[0], **extra)
+    async with active_standby(pg_url, amqp_ns) as (portals, collector, env_a, env_b):
         async with contextlib.AsyncExitStack() as first:
             a = await first.enter_async_context(replica("a", env_a))
             slow_down(a, publish_delay)
@@ -171,15 +181,7 @@ async def test_a_replica_closing_hands_its_shards_over_after_the_page_in_flight(
 async def test_a_crashed_replica_is_taken_over_and_no_event_is_lost(
     pg_url: str, amqp_ns: AmqpNamespace
 ) -> None:
-    async with emulated_portals(2, latency_ms=20) as portals:
-        await store_portals(pg_url, portals)
-        for index, portal in enumerate(portals):
-            await portal.control.generate(EVENT, 400, start_id=index * 10_000 + 1)
-        collector = await amqp_ns.consume(amqp_ns.exchange(EVENT.lower()))
-        # One shard: active and standby.
-        extra = {"BRIDGE_PAGE_SIZE": "5", "BRIDGE_SHARDS": "1"}
-        env_a = await replica_env("a", pg_url, amqp_ns, portals[0], **extra)
-        env_b = await replica_env("b", pg_url, amqp_ns, portals[0], **extra)
+    async with active_standby(pg_url, amqp_ns) as (portals, collector, env_a, env_b):
         async with contextlib.AsyncExitStack() as first:
             a = await first.enter_async_context(replica("a", env_a))
             await until(holds(lambda: a.owns(portals[0].member_id)), "the first replica active")
